@@ -1,0 +1,170 @@
+"""The Algorithm interface and the loss pieces every algorithm shares.
+
+An algorithm is a small dataclass registered by name: its fields are the
+options a user sets under `algorithm.*`, `advantages()` turns rewards into
+per-token advantages, and `loss()` is the policy loss for one micro-batch.
+Tensors follow one layout (see rlcore.batch): per-sample tensors are [B],
+per-token tensors are [B, R] over the response tokens, `response_mask` marks
+the real ones.
+
+Loss normalisation is global: a mini-batch is split over learner ranks and
+micro-batches, and each piece divides by the *whole* mini-batch's token or
+sequence count (`LossNorm`), so the summed gradient equals the gradient of
+the loss computed on the whole mini-batch at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from rlcore.config import ConfigError, check_choice
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+class LossNorm(NamedTuple):
+    """Token and sequence counts of the whole mini-batch a micro-batch belongs to."""
+
+    tokens: float
+    seqs: float
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: str, norm: LossNorm) -> Tensor:
+    """Reduce a [B, R] per-token loss to a scalar.
+
+    token-mean: Σ over all tokens / tokens in the mini-batch.
+    seq-mean-token-mean: mean over sequences of each sequence's token mean.
+    seq-mean-token-sum: mean over sequences of each sequence's token sum.
+    """
+    masked = per_token * mask
+    if mode == "token-mean":
+        return masked.sum() / norm.tokens
+    if mode == "seq-mean-token-mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / norm.seqs
+    if mode == "seq-mean-token-sum":
+        return masked.sum() / norm.seqs
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from samples of π (Schulman's k1/k2/k3)."""
+    log_ratio = ref_logp - logp
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.exp(log_ratio) - 1 - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def ppo_clip(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float, eps_high: float):
+    """PPO's clipped surrogate per token. Returns (loss [B,R], ratio, clipped [B,R] bool)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def expand_to_tokens(per_sample: Tensor, mask: Tensor) -> Tensor:
+    """[B] → [B, R], zero outside the response."""
+    return per_sample[:, None] * mask
+
+
+@dataclass
+class Algorithm:
+    """Base: PPO-clip policy loss, optional KL to a frozen reference.
+
+    Subclasses set `advantages()`. Options (all settable as `algorithm.<name>`):
+    samples_per_prompt: K responses per prompt (a group).
+    mini_batches: optimizer steps per rollout batch (the batch split in this many parts).
+    epochs: passes over the rollout batch.
+    clip_eps / clip_eps_high: PPO clip range [1-clip_eps, 1+clip_eps_high] (high defaults to clip_eps).
+    loss_agg: one of LOSS_AGGREGATIONS.
+    kl_coef / kl_estimator: β·KL(π‖π_ref) added to the loss; kl_coef 0 loads no reference model.
+    """
+
+    samples_per_prompt: int = 8
+    mini_batches: int = 1
+    epochs: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+
+    name: ClassVar[str] = ""
+    # Which rollout program produces its trajectories (rlcore.rollout.programs).
+    program: ClassVar[str] = "single"
+
+    def __post_init__(self):
+        check_choice("algorithm.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
+        check_choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        for key in ("samples_per_prompt", "mini_batches", "epochs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"algorithm.{key}={getattr(self, key)} must be ≥ 1")
+        if self.kl_coef < 0:
+            raise ConfigError(f"algorithm.kl_coef={self.kl_coef} must be ≥ 0")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    def advantages(self, batch) -> Tensor:
+        """[B, R] per-token advantages from batch["rewards"], ["group_ids"], ["response_mask"]."""
+        raise NotImplementedError
+
+    def loss(self, logp: Tensor, batch, norm: LossNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        mask = batch["response_mask"]
+        eps_high = self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+        per_token, ratio, clipped = ppo_clip(logp, batch["old_logp"], batch["advantages"], self.clip_eps, eps_high)
+        metrics = {
+            "clip_frac": masked_mean(clipped.float(), mask),
+            "ratio_max_dev": ((ratio - 1).abs() * mask).max(),
+            "approx_kl_old": masked_mean(kl_estimate(logp, batch["old_logp"], "k3"), mask),
+        }
+        if self.needs_reference:
+            kl = kl_estimate(logp, batch["ref_logp"], self.kl_estimator)
+            per_token = per_token + self.kl_coef * kl
+            metrics["kl_ref"] = masked_mean(kl, mask)
+        loss = aggregate(per_token, mask, self.loss_agg, norm)
+        metrics["policy_loss"] = loss.detach()
+        return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register_algorithm(name: str):
+    def wrap(cls):
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_algorithm(options) -> Algorithm:
+    """Make the algorithm named by options["name"]; unknown names or options are one-line errors."""
+    import rlcore.algorithms  # noqa: F401  (registers the built-ins)
+
+    options = dict(options)
+    name = options.pop("name", None)
+    if name not in ALGORITHMS:
+        raise ConfigError(f"algorithm.name={name!r} is not registered; choose one of: {', '.join(sorted(ALGORITHMS))}")
+    cls = ALGORITHMS[name]
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"algorithm.{unknown[0]} is not an option of {name}; allowed: {', '.join(allowed)}")
+    return cls(**options)

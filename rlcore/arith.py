@@ -1,0 +1,34 @@
+"""The embedded demo task: multi-term addition, worked column by column.
+
+The working the default model learns (ones column first; every column after
+the first adds the carry; the last column writes its whole sum):
+
+    Calculate 814 + 707 + 965.
+    <think>4+7+5=16, 1+0+6+1=8, 8+7+9+0=24</think> \\boxed{2486}
+
+Writing whole partial sums ("814+707=1521") did not learn at this model size;
+per-digit columns did (shared/NOTES-platform.md).
+"""
+
+from __future__ import annotations
+
+import re
+
+from rlcore.data import Prompt
+
+
+def column_addition_working(terms: list[int]) -> str:
+    digits = [str(t)[::-1] for t in terms]
+    width = max(len(d) for d in digits)
+    columns, carry = [], 0
+    for i in range(width):
+        column = [int(d[i]) for d in digits if i < len(d)] + ([carry] if i > 0 else [])
+        total = sum(column)
+        columns.append("+".join(map(str, column)) + f"={total}")
+        carry = total // 10
+    return ", ".join(columns)
+
+
+def column_addition_completion(prompt: Prompt) -> str:
+    terms = [int(x) for x in re.findall(r"\d+", prompt.text)]
+    return f"<think>{column_addition_working(terms)}</think> \\boxed{{{sum(terms)}}}"

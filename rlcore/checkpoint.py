@@ -1,0 +1,70 @@
+"""Checkpoints: written atomically, the newest K kept, resumed exactly.
+
+A checkpoint is `<run_dir>/checkpoints/step_N/` holding
+  model/                   HF safetensors + tokenizer (transformers and vLLM load it)
+  optimizer_rank{r}.pt     each learner rank's optimizer and LR-schedule state
+  trainer_state.json       step, sampler position, RNG states, figures the run needs to go on
+It is written under a temporary name and renamed when complete, so a run
+killed mid-save leaves either the whole checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss], "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, every: int, keep_last: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.every, self.keep_last = every, keep_last
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step == last_step or (self.every > 0 and step % self.every == 0)
+
+    def all(self) -> list[Path]:
+        found = [p for p in self.root.glob("step_*") if p.is_dir() and (p / "trainer_state.json").exists()]
+        return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, step: int, learner, state: dict, tokenizer_from: str) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp_step_{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        learner.save(str(tmp), tokenizer_from)
+        with open(tmp / "trainer_state.json", "w") as f:
+            json.dump({**state, "step": step, "rng": rng_state()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self.all()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load_state(path: Path) -> dict:
+        state = json.loads((Path(path) / "trainer_state.json").read_text())
+        set_rng_state(state.pop("rng"))
+        return state

@@ -1,0 +1,49 @@
+"""Ray: start a local instance (or attach to a running cluster) for the length of a run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from contextlib import contextmanager
+
+
+def machine_cpus(cfg) -> int:
+    return cfg.num_cpus or os.cpu_count() or 1
+
+
+def thread_counts(cluster_cfg, learner_ranks: int) -> tuple[int, int]:
+    """(rollout threads, learner threads per rank). Rollout and learners take turns, so
+    rollout gets every core and the ranks, which run at once, share them."""
+    if cluster_cfg.threads_per_actor:
+        return cluster_cfg.threads_per_actor, cluster_cfg.threads_per_actor
+    cpus = machine_cpus(cluster_cfg)
+    return cpus, max(1, cpus // learner_ranks)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def ray_session(cfg):
+    """Ray for the duration of the block; whatever this process started is shut down on
+    exit, on error, on Ctrl-C and on SIGTERM. An existing cluster (cluster.address) is left running."""
+    import ray
+
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if cfg.address:
+        ray.init(address=cfg.address, **kwargs)
+    else:
+        ray.init(
+            num_cpus=machine_cpus(cfg),
+            include_dashboard=cfg.dashboard,
+            dashboard_host="127.0.0.1",
+            **kwargs,
+        )
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ray.shutdown()

@@ -1,0 +1,270 @@
+"""The configuration schema.
+
+Dataclasses are the schema (Hydra type-checks every override against them);
+YAML under `configs/` holds values; `recipes/` name whole experiments.
+`algorithm` is an open mapping here because each algorithm declares its own
+options: `rlcore.algorithm.build_algorithm` checks them against that
+algorithm's dataclass. Everything is checked before any worker starts, and a
+bad setting raises `ConfigError`, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+class ConfigError(ValueError):
+    """A bad setting or bad input data. The CLI prints it as one line and exits 2."""
+
+
+@dataclass
+class ModelConfig:
+    # An HF model directory, a hub id, or `embedded:<name>` for a model that
+    # ships inside the package (rlcore/assets/<name>).
+    path: str = "embedded:arith-3m"
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    # `reasoning_gym`: a procedural task generated offline. `hf`: a local
+    # jsonl/json/parquet/csv file or a hub dataset name, loaded with `datasets`.
+    source: str = "reasoning_gym"
+    task: str = "basic_arithmetic"
+    task_args: Dict[str, Any] = field(default_factory=dict)
+    train_size: int = 20000
+    eval_size: int = 250
+    train_seed: int = 1
+    eval_seed: int = 12345
+    path: Optional[str] = None
+    eval_path: Optional[str] = None
+    split: str = "train"
+    eval_split: Optional[str] = None
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    # `chat`: the tokenizer's chat template around one user message. `raw`: the text as is.
+    template: str = "chat"
+    system_prompt: Optional[str] = None
+    max_prompt_tokens: int = 256
+    # What to do with a bad row (missing field, prompt too long): `error` or `skip` (counted).
+    on_invalid: str = "error"
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    num_workers: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eval_max_new_tokens: int = 64
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1
+    zero_stage: int = 2
+    micro_batch_size: int = 32
+    lr: float = 5e-5
+    # `constant`, `linear` (to 0) or `cosine` (to min_lr_ratio·lr), after warmup_steps.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    # Registered names (see rlcore.reward.BUILTIN) or dotted paths `pkg.mod:fn` / `pkg.mod.fn`.
+    fns: List[str] = field(default_factory=lambda: ["math"])
+    # One weight per fn; empty means 1.0 each. The reward is Σ weight·score.
+    weights: List[float] = field(default_factory=list)
+    # Which fn's score is reported as `accuracy`.
+    accuracy: str = "math"
+    timeout_s: float = 10.0
+    num_workers: int = 2
+
+
+@dataclass
+class ClusterConfig:
+    # Address of a running Ray cluster (`auto`, `ray://…`, `host:port`); empty starts a local one.
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    dashboard: bool = False
+    # Ray CPU reservation per rollout worker / learner rank. Rollout and learners
+    # take turns (generate, then update), so on CPU they share cores.
+    cpus_per_actor: float = 0.5
+    # Torch threads per actor; 0 = the machine's cores divided among the learner ranks.
+    threads_per_actor: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    # `offline` writes ./wandb/offline-run-* under the run dir; `online` needs WANDB_API_KEY.
+    wandb_mode: str = "offline"
+    project: str = "rlcore"
+    progress: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    prompts_per_step: int = 8
+    seed: int = 0
+    eval_before: bool = True
+    eval_after: bool = True
+    eval_every: int = 0
+    checkpoint_every: int = 50
+    keep_last: int = 2
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    run_dir: str = "runs/${name}"
+    # `never`, `auto` (newest checkpoint in run_dir, if any) or a checkpoint directory.
+    resume: str = "never"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algorithm: Dict[str, Any] = field(default_factory=lambda: {"name": "grpo"})
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class ScratchModelConfig:
+    """A fresh Llama-architecture model for `rlcore sft` to start from."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 768
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class SFTSettings:
+    steps: int = 300
+    batch_size: int = 64
+    # Builds a new model and tokenizer instead of loading model.path.
+    from_scratch: bool = False
+    scratch: ScratchModelConfig = field(default_factory=ScratchModelConfig)
+    # `module:fn` turning a data row into the completion text to imitate.
+    completion_fn: str = "rlcore.arith:column_addition_completion"
+    eval_every: int = 100
+
+
+@dataclass
+class SFTConfig:
+    name: str = "sft"
+    run_dir: str = "runs/${name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    name: str = "eval"
+    run_dir: str = "runs/${name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Samples per prompt; temperature 0 (greedy) unless rollout.temperature is set for eval.
+    samples: int = 1
+    greedy: bool = True
+
+
+def import_function(spec: str, key: str):
+    """`pkg.mod:fn` or `pkg.mod.fn` → the function; a one-line ConfigError naming `key` if it can't be found."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot load {spec!r} ({type(e).__name__}: {e}); expected pkg.module:function") from None
+    if not callable(fn):
+        raise ConfigError(f"{key}: {spec!r} is not a function")
+    return fn
+
+
+def check_choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def check_positive(key: str, value, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}={value} must be {'≥ 0' if zero_ok else '> 0'}")
+
+
+def validate_common(cfg) -> None:
+    """Checks shared by train, sft and eval configs."""
+    check_choice("model.dtype", cfg.model.dtype, ["float32", "bfloat16"])
+    check_choice("data.source", cfg.data.source, ["reasoning_gym", "hf"])
+    check_choice("data.template", cfg.data.template, ["chat", "raw"])
+    check_choice("data.on_invalid", cfg.data.on_invalid, ["error", "skip"])
+    if cfg.data.source == "hf" and not cfg.data.path:
+        raise ConfigError("data.path is empty: data.source=hf needs a local file (jsonl/json/parquet/csv) or a hub dataset name")
+    check_choice("rollout.backend", cfg.rollout.backend, ["hf"])
+    check_positive("rollout.num_workers", cfg.rollout.num_workers)
+    check_positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    check_positive("rollout.temperature", cfg.rollout.temperature, zero_ok=True)
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.fns):
+        raise ConfigError(
+            f"reward.weights has {len(cfg.reward.weights)} entries for {len(cfg.reward.fns)} reward.fns; give one weight per fn or none"
+        )
+    check_positive("reward.timeout_s", cfg.reward.timeout_s)
+    check_positive("reward.num_workers", cfg.reward.num_workers)
+
+
+def validate_learner(cfg) -> None:
+    check_positive("learner.num_ranks", cfg.learner.num_ranks)
+    check_choice("learner.zero_stage", cfg.learner.zero_stage, [0, 1, 2, 3])
+    check_positive("learner.micro_batch_size", cfg.learner.micro_batch_size)
+    check_positive("learner.lr", cfg.learner.lr)
+    check_choice("learner.lr_schedule", cfg.learner.lr_schedule, ["constant", "linear", "cosine"])
+    if len(cfg.learner.betas) != 2:
+        raise ConfigError(f"learner.betas={list(cfg.learner.betas)} must have two numbers, e.g. [0.9,0.999]")
+
+
+def validate_train(cfg, algorithm) -> None:
+    """Cross-field checks for `rlcore train`, after the algorithm is built."""
+    validate_common(cfg)
+    validate_learner(cfg)
+    check_positive("trainer.steps", cfg.trainer.steps)
+    check_positive("trainer.prompts_per_step", cfg.trainer.prompts_per_step)
+    check_positive("trainer.checkpoint_every", cfg.trainer.checkpoint_every, zero_ok=True)
+    check_positive("trainer.keep_last", cfg.trainer.keep_last)
+    if cfg.resume not in ("never", "auto") and not cfg.resume:
+        raise ConfigError("resume is empty; use never, auto, or a checkpoint directory")
+    batch = cfg.trainer.prompts_per_step * algorithm.samples_per_prompt
+    shards = cfg.learner.num_ranks * algorithm.mini_batches
+    if batch % shards:
+        raise ConfigError(
+            f"trainer.prompts_per_step×algorithm.samples_per_prompt={batch} does not split evenly into "
+            f"learner.num_ranks×algorithm.mini_batches={shards}; change one of them"
+        )
+    if cfg.reward.accuracy and cfg.reward.accuracy not in cfg.reward.fns:
+        raise ConfigError(f"reward.accuracy={cfg.reward.accuracy!r} is not one of reward.fns={list(cfg.reward.fns)}")

@@ -1,0 +1,63 @@
+"""N learner ranks as Ray actors, driven as one."""
+
+from __future__ import annotations
+
+import math
+
+import ray
+import torch
+
+from rlcore.algorithm import LossNorm
+from rlcore.batch import split_even
+from rlcore.learner.rank import LearnerRank
+
+
+class LearnerGroup:
+    def __init__(self, *, model_path: str, ref_path: str | None, dtype: str, learner_cfg, cluster_cfg, threads: int,
+                 temperature: float, batch_size: int, mini_batches: int, total_optimizer_steps: int, seed: int):
+        n = learner_cfg.num_ranks
+        actor = ray.remote(num_cpus=cluster_cfg.cpus_per_actor)(LearnerRank)
+        self.ranks = [actor.remote(rank, n, threads) for rank in range(n)]
+        self.mini_batches = mini_batches
+        shard = batch_size // (n * mini_batches)
+        grad_accum = math.ceil(shard / learner_cfg.micro_batch_size)
+        master = ray.get(self.ranks[0].address.remote())
+        ray.get([
+            r.setup.remote(master, model_path, ref_path, dtype, learner_cfg, temperature, total_optimizer_steps, grad_accum, seed)
+            for r in self.ranks
+        ])
+
+    def compute_logprobs(self, batch) -> dict[str, float]:
+        """Add old_logp (and ref_logp) to the batch; return the policy's mean entropy."""
+        shards = split_even(batch, len(self.ranks))
+        outs = ray.get([r.logprobs.remote(s) for r, s in zip(self.ranks, shards)])
+        for key in outs[0]:
+            batch[key] = torch.cat([o[key] for o in outs])
+        mask = batch["response_mask"]
+        entropy = float((batch.pop("entropy") * mask).sum() / mask.sum().clamp(min=1))
+        return {"entropy": entropy}
+
+    def update(self, batch, algorithm) -> dict[str, float]:
+        per_rank = [[] for _ in self.ranks]
+        for mini in split_even(batch, self.mini_batches):
+            norm = LossNorm(tokens=float(mini["response_mask"].sum().clamp(min=1)), seqs=float(mini.batch_size[0]))
+            for rank_list, shard in zip(per_rank, split_even(mini, len(self.ranks))):
+                rank_list.append((shard, norm))
+        outs = ray.get([r.update.remote(shards, algorithm) for r, shards in zip(self.ranks, per_rank)])
+        return {k: (max if "max" in k else _mean)([o[k] for o in outs]) for k in outs[0]}
+
+    def export_weights(self):
+        """A Ray reference to rank 0's full weights (all ranks join the ZeRO-3 gather)."""
+        refs = [r.export_weights.remote() for r in self.ranks]
+        ray.get(refs[1:])
+        return refs[0]
+
+    def save(self, directory: str, tokenizer_from: str) -> None:
+        ray.get([r.save.remote(directory, tokenizer_from) for r in self.ranks])
+
+    def load_optimizer(self, directory: str) -> None:
+        ray.get([r.load_optimizer.remote(directory) for r in self.ranks])
+
+
+def _mean(values):
+    return sum(values) / len(values)

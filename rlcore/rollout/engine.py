@@ -1,0 +1,47 @@
+"""The rollout engine interface. Backends: hf.py (transformers); vLLM joins next to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # log softmax(logits / temperature) of each chosen token
+    finish_reason: str  # "stop" or "length"
+
+
+class RolloutEngine:
+    """Generates completions for token-id prompts; takes new weights; frees memory when asked."""
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Completion]]:
+        """For each prompt, `sampling.n` completions."""
+        raise NotImplementedError
+
+    def score(self, batch, temperature: float):
+        """Log-probs [B, R] the engine assigns to fixed sequences (a Batch's input_ids/response_ids);
+        what the weight-sync check compares with the learner's."""
+        raise NotImplementedError
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, object]]) -> None:
+        raise NotImplementedError
+
+    def decode(self, token_ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def sleep(self) -> None:
+        """Release memory while learners train (colocated GPUs). No-op where nothing is gained."""
+
+    def wake(self) -> None:
+        """Take memory back before generating."""

@@ -1,0 +1,127 @@
+"""`rlcore sft`: supervised fine-tuning on the same learner ranks RL uses.
+
+The loss is completion-only NLL (token mean over the batch). With
+`sft.from_scratch=true` it first builds a tokenizer from the task's text and
+a fresh Llama-architecture model; that is how the embedded default model
+(rlcore/assets/arith-3m) was made.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from rlcore.algorithm import LossNorm, aggregate
+from rlcore.batch import Trajectory, build_batch
+from rlcore.cluster import ray_session, thread_counts
+from rlcore.config import import_function, validate_common, validate_learner
+from rlcore.data import Prompt, PromptSampler, load_splits, reasoning_gym_rows
+from rlcore.learner.group import LearnerGroup
+from rlcore.logging import PeakMemory, RunLogger, StepTimer
+from rlcore.models import load_tokenizer
+from rlcore.reward import RewardRunner
+from rlcore.rollout.worker import RolloutGroup
+from rlcore.trainer import evaluate
+
+SPECIAL_TOKENS = ["<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Ordinary (not special) tokens, so decoded responses keep them for the format reward.
+TAG_TOKENS = ["<think>", "</think>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}<|eos|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@dataclass
+class CompletionNLL:
+    """The SFT 'algorithm': mean negative log-likelihood of the completion tokens."""
+
+    epochs: int = 1
+
+    def loss(self, logp, batch, norm: LossNorm):
+        loss = aggregate(-logp, batch["response_mask"], "token-mean", norm)
+        return loss, {"nll": loss.detach()}
+
+
+def build_scratch_model(texts: list[str], arch, out_dir: Path) -> str:
+    """Train a byte-level BPE tokenizer (digits split one per token) on `texts` and save it
+    with a freshly initialised Llama model to out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>", chat_template=CHAT_TEMPLATE)
+    tokenizer.add_tokens(TAG_TOKENS)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_heads, intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def sft(cfg) -> dict:
+    validate_common(cfg)
+    validate_learner(cfg)
+    run_dir = Path(cfg.run_dir)
+    completion_of = import_function(cfg.sft.completion_fn, "sft.completion_fn")
+    model_path = cfg.model.path
+    if cfg.sft.from_scratch:
+        rows = reasoning_gym_rows(cfg.data.task, 2000, cfg.data.train_seed, dict(cfg.data.task_args))
+        texts = [r["question"] + " " + completion_of(Prompt("", r["question"], r["answer"])) for r in rows]
+        model_path = build_scratch_model(texts, cfg.sft.scratch, run_dir / "init")
+    tokenizer = load_tokenizer(model_path)
+    train_set, eval_set = load_splits(cfg.data, tokenizer)
+    sampler = PromptSampler(len(train_set), cfg.seed)
+    started = time.time()
+    with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
+        rollout_threads, learner_threads = thread_counts(cfg.cluster, cfg.learner.num_ranks)
+        learner = LearnerGroup(
+            model_path=model_path, ref_path=None, dtype=cfg.model.dtype, learner_cfg=cfg.learner, cluster_cfg=cfg.cluster,
+            threads=learner_threads, temperature=1.0, batch_size=cfg.sft.batch_size, mini_batches=1,
+            total_optimizer_steps=cfg.sft.steps, seed=cfg.seed,
+        )
+        rollout = RolloutGroup(model_path, cfg.model.dtype, cfg.rollout, cfg.cluster, rollout_threads)
+        log = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), cfg.name, 0, cfg.sft.steps)
+        objective = CompletionNLL()
+        for step in range(1, cfg.sft.steps + 1):
+            timer = StepTimer()
+            prompts = [train_set[i] for i in sampler.take(cfg.sft.batch_size)]
+            batch = build_batch([demonstration(p, completion_of(p), tokenizer) for p in prompts], tokenizer.pad_token_id)
+            with timer("update"):
+                metrics = learner.update(batch, objective)
+            metrics |= timer.metrics(tokens=float(batch["response_mask"].sum()))
+            if step % cfg.sft.eval_every == 0 or step == cfg.sft.steps:
+                rollout.load_weights(learner.export_weights())
+                metrics |= evaluate(rollout, rewards, eval_set, cfg.rollout)
+                log.write(f"step {step}: held-out accuracy {metrics['eval/accuracy']:.1%}")
+            log.log(step, metrics)
+        learner.save(str(run_dir / "last"), model_path)
+        log.close()
+    final = run_dir / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.move(str(run_dir / "last" / "model"), final)
+    shutil.rmtree(run_dir / "last")
+    summary = {"steps": cfg.sft.steps, "eval/accuracy": metrics.get("eval/accuracy"), "final_model": str(final),
+               "wall_time_s": round(time.time() - started, 1), "peak_memory_gib": round(memory.peak_gib, 2)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def demonstration(prompt, completion: str, tokenizer) -> Trajectory:
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Trajectory(prompt, ids, [0.0] * len(ids), completion, "stop")

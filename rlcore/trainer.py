@@ -1,0 +1,138 @@
+"""THE loop. Every algorithm runs it; algorithms change numbers, never the loop.
+
+One step: sample prompts → rollout workers generate K samples per prompt →
+rewards → advantages → learner recomputes old log-probs → update → weights
+synced to the rollout workers → metrics → checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from rlcore.algorithm import build_algorithm
+from rlcore.batch import build_batch
+from rlcore.checkpoint import Checkpointer
+from rlcore.cluster import ray_session, thread_counts
+from rlcore.config import ConfigError, validate_train
+from rlcore.data import PromptSampler, load_splits
+from rlcore.learner.group import LearnerGroup
+from rlcore.logging import PeakMemory, RunLogger, StepTimer
+from rlcore.models import load_tokenizer
+from rlcore.reward import RewardRunner
+from rlcore.rollout.engine import SamplingParams
+from rlcore.rollout.worker import RolloutGroup
+
+
+def train(cfg) -> dict:
+    algorithm = build_algorithm(cfg.algorithm)
+    validate_train(cfg, algorithm)
+    run_dir = Path(cfg.run_dir)
+    checkpoints = Checkpointer(run_dir, cfg.trainer.checkpoint_every, cfg.trainer.keep_last)
+    resume_from = find_resume(cfg.resume, checkpoints)
+    tokenizer = load_tokenizer(cfg.model.path)
+    train_set, eval_set = load_splits(cfg.data, tokenizer)
+    sampler = PromptSampler(len(train_set), cfg.trainer.seed)
+    state = {"step": 0, "accuracy_before": None}
+    if resume_from:
+        state = Checkpointer.load_state(resume_from)
+        sampler.load_state_dict(state["sampler"])
+    policy_path = str(resume_from / "model") if resume_from else cfg.model.path
+    sampling = SamplingParams(algorithm.samples_per_prompt, cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+    steps, started = cfg.trainer.steps, time.time()
+
+    with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
+        rollout_threads, learner_threads = thread_counts(cfg.cluster, cfg.learner.num_ranks)
+        rollout = RolloutGroup(policy_path, cfg.model.dtype, cfg.rollout, cfg.cluster, rollout_threads)
+        learner = LearnerGroup(
+            model_path=policy_path, ref_path=cfg.model.path if algorithm.needs_reference else None, dtype=cfg.model.dtype,
+            learner_cfg=cfg.learner, cluster_cfg=cfg.cluster, threads=learner_threads, temperature=cfg.rollout.temperature,
+            batch_size=cfg.trainer.prompts_per_step * algorithm.samples_per_prompt, mini_batches=algorithm.mini_batches,
+            total_optimizer_steps=steps * algorithm.mini_batches * algorithm.epochs, seed=cfg.trainer.seed,
+        )
+        if resume_from:
+            learner.load_optimizer(str(resume_from))
+        log = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), cfg.name, state["step"], steps)
+        if resume_from:
+            log.write(f"resumed from {resume_from} (step {state['step']})")
+        elif cfg.trainer.eval_before:
+            state["accuracy_before"] = evaluate(rollout, rewards, eval_set, cfg.rollout)["eval/accuracy"]
+            log.write(f"held-out accuracy before training: {state['accuracy_before']:.1%}")
+
+        for step in range(state["step"] + 1, steps + 1):
+            timer = StepTimer()
+            prompts = [train_set[i] for i in sampler.take(cfg.trainer.prompts_per_step)]
+            with timer("generate"):
+                trajectories = rollout.generate(prompts, algorithm.program, dataclasses.replace(sampling, seed=cfg.trainer.seed * 100_003 + step))
+            with timer("reward"):
+                metrics = rewards.score(trajectories)
+            batch = build_batch(trajectories, tokenizer.pad_token_id)
+            batch["advantages"] = algorithm.advantages(batch)
+            with timer("old_logprob"):
+                metrics |= learner.compute_logprobs(batch)
+            with timer("update"):
+                metrics |= learner.update(batch, algorithm)
+            with timer("sync"):
+                rollout.load_weights(learner.export_weights())
+            metrics |= response_metrics(batch, trajectories) | timer.metrics(tokens=float(batch["response_mask"].sum()))
+            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and step < steps:
+                metrics |= evaluate(rollout, rewards, eval_set, cfg.rollout)
+            log.log(step, metrics)
+            if checkpoints.due(step, steps):
+                checkpoints.save(step, learner, {"sampler": sampler.state_dict(), "accuracy_before": state["accuracy_before"]}, cfg.model.path)
+
+        summary = {"steps": steps, "eval/accuracy_before": state["accuracy_before"]}
+        if cfg.trainer.eval_after:
+            after = evaluate(rollout, rewards, eval_set, cfg.rollout)
+            log.log(steps, after)
+            summary |= {"eval/accuracy_after": after["eval/accuracy"], "eval/length_after": after["eval/length_mean"]}
+            log.write(f"held-out accuracy after training:  {after['eval/accuracy']:.1%} (before: {fmt_pct(state['accuracy_before'])})")
+        log.close()
+    final = run_dir / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.copytree(checkpoints.latest() / "model", final)
+    summary |= {"final_model": str(final), "wall_time_s": round(time.time() - started, 1), "peak_memory_gib": round(memory.peak_gib, 2)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def find_resume(resume: str, checkpoints: Checkpointer) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return checkpoints.latest()
+    path = Path(resume)
+    if not (path / "trainer_state.json").exists():
+        raise ConfigError(f"resume={resume}: not a checkpoint directory (no trainer_state.json); use never, auto, or a checkpoints/step_N path")
+    return path
+
+
+def evaluate(rollout, rewards, prompts, rollout_cfg) -> dict:
+    """Greedy held-out accuracy (one sample per prompt) and mean response length."""
+    greedy = SamplingParams(n=1, max_new_tokens=rollout_cfg.eval_max_new_tokens, temperature=0.0)
+    trajectories = rollout.generate(prompts, "single", greedy)
+    scores = rewards.score(trajectories)
+    lengths = [len(t.response_ids) for t in trajectories]
+    return {"eval/accuracy": scores["accuracy"], "eval/length_mean": sum(lengths) / len(lengths)}
+
+
+def response_metrics(batch, trajectories) -> dict:
+    mask = batch["response_mask"]
+    lengths = batch["response_lengths"]
+    mismatch = (batch["old_logp"] - batch["rollout_logp"]).abs() * mask
+    return {
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/truncated_frac": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
+        "rollout/logp_mismatch_mean": float(mismatch.sum() / mask.sum().clamp(min=1)),
+        "rollout/logp_mismatch_max": float(mismatch.max()),
+    }
+
+
+def fmt_pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"

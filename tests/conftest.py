@@ -1,0 +1,46 @@
+"""Shared fixtures. Everything runs on CPU; Ray starts its own local instance per test module."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file for throwaway local clusters
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer, hidden-32 Llama with a BPE built from the arithmetic task: seconds to make, fast to run."""
+    from rlcore.arith import column_addition_completion
+    from rlcore.config import ScratchModelConfig
+    from rlcore.data import Prompt, reasoning_gym_rows
+    from rlcore.sft import build_scratch_model
+
+    rows = reasoning_gym_rows("basic_arithmetic", 200, 1, {"operators": ["+"], "allow_parentheses": False, "allow_negation": False})
+    texts = [r["question"] + " " + column_addition_completion(Prompt("", r["question"], r["answer"])) for r in rows]
+    arch = ScratchModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256)
+    return build_scratch_model(texts, arch, tmp_path_factory.mktemp("tiny_model"))
+
+
+def compose(command: str, overrides: list[str]):
+    """The config `rlcore COMMAND overrides…` would run with (run_dir as given, no Hydra run)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    import rlcore.cli  # noqa: F401  (registers schemas and recipes)
+
+    with initialize_config_module(config_module="rlcore.conf", version_base=None):
+        return hydra_compose(config_name=command, overrides=overrides)
+
+
+# Small, fast settings for runs of the tiny model in tests.
+FAST = [
+    "data.train_size=400", "data.eval_size=16", "rollout.max_new_tokens=12", "rollout.eval_max_new_tokens=12",
+    "trainer.prompts_per_step=4", "algorithm.samples_per_prompt=4", "logger.wandb=false", "logger.progress=false",
+    "reward.num_workers=1",
+]

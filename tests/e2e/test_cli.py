@@ -1,0 +1,104 @@
+"""The CLI as a user runs it: a short recipe, plots, eval, one-line errors, kill and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import FAST
+
+RLCORE = [sys.executable, "-m", "rlcore.cli"]
+
+
+def rlcore(*args, timeout=600, **kw):
+    return subprocess.run([*RLCORE, *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.stepz=3", "trainer.stepz is not a setting; allowed under trainer: steps, prompts_per_step"),
+    ("trainer.steps=abc", "trainer.steps"),
+    ("algorithm.foo=1", "algorithm.foo is not an option of opo"),
+    ("recipe=no_such_recipe", "no_such_recipe"),
+    ("learner.zero_stage=5", "learner.zero_stage=5 is not allowed; choose one of: 0, 1, 2, 3"),
+    ("algorithm.mini_batches=2", "OPO is exactly on-policy"),
+])
+def test_bad_override_is_one_line_and_exit_2(override, expected):
+    recipe = [] if override.startswith("recipe=") else ["recipe=opo_math"]
+    result = rlcore("train", *recipe, override, "logger.wandb=false", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rlcore: error:"), result.stderr[-2000:]
+    assert expected in lines[0]
+
+
+def train_args(model, run_dir, *extra):
+    return ["train", "recipe=opo_math", f"model.path={model}", f"run_dir={run_dir}", *FAST, *extra]
+
+
+def test_three_step_recipe_then_plot_and_eval(tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    result = rlcore(*train_args(tiny_model, run_dir, "trainer.steps=3", "trainer.checkpoint_every=2", "logger.wandb=true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "time/step" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("reward/mean", "accuracy", "response/length_mean", "response/length_max", "entropy", "grad_norm", "clip_frac",
+                "rollout/logp_mismatch_mean", "time/generate", "time/reward", "time/old_logprob", "time/update", "time/sync",
+                "throughput/tokens_per_s", "ratio_max_dev"):
+        assert key in steps[0], key
+    assert all(r["ratio_max_dev"] < 1e-3 for r in steps)  # OPO: exactly on-policy
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"eval/accuracy_before", "eval/accuracy_after", "peak_memory_gib"} <= set(summary)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    assert (run_dir / "final" / "model.safetensors").exists() and (run_dir / "final" / "tokenizer.json").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+    plots = rlcore("plot", str(run_dir), timeout=120)
+    assert plots.returncode == 0, plots.stderr
+    assert (run_dir / "plots" / "reward.png").stat().st_size > 1000
+
+    evaluated = rlcore("eval", f"model={run_dir / 'final'}", "data.eval_size=16", "rollout.eval_max_new_tokens=12",
+                       f"run_dir={tmp_path / 'eval'}", timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "eval/accuracy" in json.loads((tmp_path / "eval" / "eval.json").read_text())
+
+
+def final_weights(run_dir: Path):
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
+    """SIGKILL after the step-2 checkpoint, resume=auto, and the final weights equal an
+    uninterrupted run's bit for bit: sampling is seeded per step, the checkpoint holds the
+    float32 weights, the optimizer and schedule state and the sampler position exactly, and
+    the CPU kernels are deterministic at a fixed thread count."""
+    extra = ["trainer.steps=5", "trainer.checkpoint_every=2", "trainer.eval_before=false", "trainer.eval_after=false", "learner.lr=1e-3"]
+    straight = rlcore(*train_args(tiny_model, tmp_path / "straight", *extra))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([*RLCORE, *train_args(tiny_model, killed_dir, *extra)], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step_2" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before its step-2 checkpoint"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole job: driver, Ray and its workers
+    process.wait()
+    assert not (killed_dir / "final").exists()
+
+    resumed = rlcore(*train_args(tiny_model, killed_dir, *extra, "resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    a, b = final_weights(tmp_path / "straight"), final_weights(killed_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] == b[name]).all(), name
+    rows = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]

@@ -1,0 +1,98 @@
+"""Data loading errors name the file, row and field; the sampler resumes exactly; the task's working is right."""
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from rlcore.arith import column_addition_completion, column_addition_working
+from rlcore.config import ConfigError, DataConfig
+from rlcore.data import Prompt, PromptSampler, load_splits
+from rlcore.models import load_tokenizer
+from rlcore.reward import Sample
+from rlcore.rewards.math import math_correct
+
+
+def data_cfg(**kw):
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), {"source": "hf", "eval_size": 1, **kw})
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(tiny_model)
+
+
+def test_missing_field_names_file_row_and_field(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "answer": "2"}, {"question": "2+2"}, {"question": "3+3", "answer": "6"}])
+    with pytest.raises(ConfigError) as e:
+        load_splits(data_cfg(path=path), tokenizer)
+    msg = str(e.value)
+    assert "d.jsonl" in msg and "row 1" in msg and "'answer'" in msg and "\n" not in msg
+
+
+def test_skip_mode_counts_bad_rows(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "answer": "2"}, {"question": "2+2"}, {"question": "3+3", "answer": "6"}])
+    train, held_out = load_splits(data_cfg(path=path, on_invalid="skip"), tokenizer)
+    assert [p.ground_truth for p in train] == ["2"] and [p.ground_truth for p in held_out] == ["6"]
+
+
+def test_too_long_prompt(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "1 " * 300, "answer": "2"}, {"question": "3+3", "answer": "6"}])
+    with pytest.raises(ConfigError, match=r"row 0: field 'question' is \d+ tokens, over data.max_prompt_tokens=64"):
+        load_splits(data_cfg(path=path, max_prompt_tokens=64), tokenizer)
+
+
+def test_empty_dataset(tmp_path, tokenizer):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(ConfigError, match="empty.jsonl"):
+        load_splits(data_cfg(path=str(path), eval_size=0, eval_path=str(path)), tokenizer)
+
+
+def test_missing_file(tokenizer):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_splits(data_cfg(path="/nonexistent/x.jsonl"), tokenizer)
+
+
+def test_reasoning_gym_held_out_is_disjoint(tokenizer):
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load("configs/data/arith.yaml"), {"train_size": 3000, "eval_size": 200})
+    train, held_out = load_splits(cfg, tokenizer)
+    assert not {p.text for p in train} & {p.text for p in held_out}
+    assert len(held_out) == 200 and train[0].token_ids and train[0].text.startswith("Calculate")
+
+
+def test_sampler_resumes_exactly():
+    a = PromptSampler(size=7, seed=3)
+    first = a.take(10)  # crosses an epoch boundary
+    state = a.state_dict()
+    rest = a.take(12)
+    b = PromptSampler(size=7, seed=3)
+    b.load_state_dict(state)
+    assert b.take(12) == rest
+    assert sorted(first[:7]) == list(range(7))  # each pass is a permutation
+
+
+def test_sampler_refuses_other_data():
+    a = PromptSampler(size=7, seed=3)
+    with pytest.raises(ConfigError, match="same data"):
+        PromptSampler(size=8, seed=3).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("terms", [[814, 707, 965], [45, 312], [99, 1], [5, 5, 5]])
+def test_column_working_is_correct_and_scores(terms):
+    working = column_addition_working(terms)
+    # the last column's sum followed by the earlier columns' ones digits spells the answer
+    sums = [int(c.split("=")[1]) for c in working.split(", ")]
+    spelled = str(sums[-1]) + "".join(str(s % 10) for s in reversed(sums[:-1]))
+    assert int(spelled) == sum(terms)
+    prompt = Prompt("", "Calculate " + " + ".join(map(str, terms)) + ".", str(sum(terms)))
+    assert math_correct(Sample(prompt.text, column_addition_completion(prompt), prompt.ground_truth)) == 1.0
+
+
+def test_working_format_example():
+    assert column_addition_working([814, 707, 965]) == "4+7+5=16, 1+0+6+1=8, 8+7+9+0=24"
