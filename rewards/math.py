@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from math_verify import LatexExtractionConfig, parse, verify
 
 from rlcore.reward import Sample
+
+# math-verify warns on every call that its own timeouts are off; rlcore's reward pool
+# bounds each call instead (reward.timeout_s), so the warning is noise here.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 # Only boxed answers count: a number mentioned in the working is not an answer.
 _BOXED_ONLY = [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)]

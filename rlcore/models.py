@@ -36,6 +36,9 @@ def load_tokenizer(path: str):
 
 def load_model(path: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per actor per load is noise in a run's console
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=getattr(torch, dtype))
     model.config.use_cache = False

@@ -102,3 +102,47 @@ def test_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
         assert (a[name] == b[name]).all(), name
     rows = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def ray_processes() -> set[int]:
+    import psutil
+
+    found = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
+        if "raylet" in text or "gcs_server" in text or "ray::" in text:
+            found.add(p.pid)
+    return found
+
+
+def test_ctrl_c_shuts_down_the_ray_it_started(tiny_model, tmp_path):
+    before = ray_processes()
+    run_dir = tmp_path / "interrupted"
+    process = subprocess.Popen([*RLCORE, *train_args(tiny_model, run_dir, "trainer.steps=50", "trainer.eval_before=false")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-3000:] if process.poll() is not None else "timeout"
+        time.sleep(0.2)
+    assert ray_processes() - before  # Ray is up while it trains
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    assert process.returncode != 0
+    deadline = time.time() + 60
+    while ray_processes() - before and time.time() < deadline:
+        time.sleep(1)
+    assert not ray_processes() - before
+
+
+def test_hydra_cfg_job_prints_the_composed_config():
+    result = rlcore("train", "recipe=opo_math", "trainer.steps=7", "--cfg", "job", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "name: opo" in result.stdout and "steps: 7" in result.stdout
+
+
+def test_hydra_multirun_gives_each_job_its_own_run_dir(tiny_model, tmp_path):
+    result = rlcore("train", "-m", *train_args(tiny_model, tmp_path / "sweep", "trainer.steps=1", "trainer.eval_before=false",
+                                                "trainer.eval_after=false", "learner.lr=1e-3,2e-3")[1:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lrs = [json.loads((tmp_path / "sweep" / job / "metrics.jsonl").read_text().splitlines()[0])["lr"] for job in ("0", "1")]
+    assert lrs == [1e-3, 2e-3]
