@@ -326,10 +326,11 @@ def print_table(result: dict) -> None:
     print(f"  {'':22}{'rlcore':>10}{'TRL':>10}")
     print(f"  {'step (s)':22}{r['step_s']:>10.3f}{t['step_s']:>10.3f}")
     print(f"  {'ratio rlcore/TRL':22}{result['ratio']:>10.2f}")
-    print("  rlcore split (s, medians; 'other' = step − phases: Ray / driver / batching):")
+    print("  Phase times are medians per phase, so they need not add up to the median step.")
+    print("  rlcore split (s; 'other' = step − phases: Ray / driver / batching):")
     for name, value in r["phases_s"].items():
         print(f"    {name:20}{value:>10.3f}  {value / r['step_s']:>5.0%}")
-    print("  TRL split (s, medians; 'other' = logprobs + loss + backward + optimizer + bookkeeping):")
+    print("  TRL split (s; 'other' = logprobs + loss + backward + optimizer + bookkeeping):")
     for name, value in t["phases_s"].items():
         print(f"    {name:20}{value:>10.3f}  {value / t['step_s']:>5.0%}")
     print()

@@ -74,6 +74,11 @@ class LearnerConfig:
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
+    # `auto`: when the algorithm takes one optimizer step per batch (mini_batches=1,
+    # epochs=1) the update's own forward gives the old log-probs (same weights, same
+    # numbers) and the separate pass is skipped. `always`: run it anyway, e.g. to check
+    # that the importance ratio is 1 against an independent pass.
+    old_logprob_pass: str = "auto"
 
 
 @dataclass
@@ -245,6 +250,7 @@ def validate_learner(cfg) -> None:
     check_positive("learner.micro_batch_size", cfg.learner.micro_batch_size)
     check_positive("learner.lr", cfg.learner.lr)
     check_choice("learner.lr_schedule", cfg.learner.lr_schedule, ["constant", "linear", "cosine"])
+    check_choice("learner.old_logprob_pass", cfg.learner.old_logprob_pass, ["auto", "always"])
     if len(cfg.learner.betas) != 2:
         raise ConfigError(f"learner.betas={list(cfg.learner.betas)} must have two numbers, e.g. [0.9,0.999]")
 

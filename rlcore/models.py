@@ -61,5 +61,6 @@ def response_logprobs(model, batch, temperature: float) -> tuple[torch.Tensor, t
     logits = out.logits[:, :-1].float() / max(temperature, 1e-6)
     log_probs = torch.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, batch["response_ids"].unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    with torch.no_grad():  # a metric: kept out of the autograd graph
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
     return logp, entropy

@@ -74,7 +74,7 @@ def train(cfg) -> dict:
             batch = build_batch(trajectories, tokenizer.pad_token_id)
             batch["advantages"] = algorithm.advantages(batch)
             with timer("old_logprob"):
-                metrics |= learner.compute_logprobs(batch)
+                metrics |= learner.compute_logprobs(batch, algorithm)
             with timer("update"):
                 metrics |= learner.update(batch, algorithm)
             with timer("sync"):

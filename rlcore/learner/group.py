@@ -19,6 +19,8 @@ class LearnerGroup:
         actor = ray.remote(num_cpus=cluster_cfg.cpus_per_actor)(LearnerRank)
         self.ranks = [actor.remote(rank, n, threads) for rank in range(n)]
         self.mini_batches = mini_batches
+        self.old_logprob_pass, self.has_reference = learner_cfg.old_logprob_pass, ref_path is not None
+        self.old_from_update = False
         shard = batch_size // (n * mini_batches)
         grad_accum = math.ceil(shard / learner_cfg.micro_batch_size)
         master = ray.get(self.ranks[0].address.remote())
@@ -27,15 +29,16 @@ class LearnerGroup:
             for r in self.ranks
         ])
 
-    def compute_logprobs(self, batch) -> dict[str, float]:
-        """Add old_logp (and ref_logp) to the batch; return the policy's mean entropy."""
+    def compute_logprobs(self, batch, algorithm) -> dict[str, float]:
+        """Add old_logp (and ref_logp) to the batch before the update; return the entropy.
+        With learner.old_logprob_pass=auto and one optimizer step per batch, old_logp comes
+        from the update's own forward instead (see LearnerRank.update)."""
+        self.old_from_update = self.old_logprob_pass == "auto" and algorithm.mini_batches == 1 and algorithm.epochs == 1
+        if self.old_from_update and not self.has_reference:
+            return {}
         shards = split_even(batch, len(self.ranks))
-        outs = ray.get([r.logprobs.remote(s) for r, s in zip(self.ranks, shards)])
-        for key in outs[0]:
-            batch[key] = torch.cat([o[key] for o in outs])
-        mask = batch["response_mask"]
-        entropy = float((batch.pop("entropy") * mask).sum() / mask.sum().clamp(min=1))
-        return {"entropy": entropy}
+        outs = ray.get([r.logprobs.remote(s, not self.old_from_update) for r, s in zip(self.ranks, shards)])
+        return _absorb(batch, outs)
 
     def update(self, batch, algorithm) -> dict[str, float]:
         per_rank = [[] for _ in self.ranks]
@@ -44,7 +47,10 @@ class LearnerGroup:
             for rank_list, shard in zip(per_rank, split_even(mini, len(self.ranks))):
                 rank_list.append((shard, norm))
         outs = ray.get([r.update.remote(shards, algorithm) for r, shards in zip(self.ranks, per_rank)])
-        return {k: (max if "max" in k else _mean)([o[k] for o in outs]) for k in outs[0]}
+        metrics = {k: (max if "max" in k else _mean)([m[k] for m, _ in outs]) for k in outs[0][0]}
+        if self.old_from_update:
+            metrics |= _absorb(batch, [tensors for _, tensors in outs])
+        return metrics
 
     def export_weights(self):
         """A Ray reference to rank 0's full weights (all ranks join the ZeRO-3 gather)."""
@@ -57,6 +63,16 @@ class LearnerGroup:
 
     def load_optimizer(self, directory: str) -> None:
         ray.get([r.load_optimizer.remote(directory) for r in self.ranks])
+
+
+def _absorb(batch, outs: list[dict]) -> dict[str, float]:
+    """Concatenate per-rank tensors (rank order = batch order) into the batch; entropy becomes a metric."""
+    for key in outs[0]:
+        batch[key] = torch.cat([o[key] for o in outs])
+    if "entropy" not in batch.keys():
+        return {}
+    mask = batch["response_mask"]
+    return {"entropy": float((batch.pop("entropy") * mask).sum() / mask.sum().clamp(min=1))}
 
 
 def _mean(values):

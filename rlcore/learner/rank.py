@@ -92,26 +92,40 @@ class LearnerRank:
     # ---- the three things the trainer asks of a learner ------------------------------------
 
     @torch.no_grad()
-    def logprobs(self, shard) -> dict:
-        """Old (and reference) log-probs of a shard, with the current policy's entropy."""
+    def logprobs(self, shard, old: bool) -> dict:
+        """Old log-probs (when `old`) and reference log-probs (when there is a reference) of a
+        shard, with the current policy's entropy alongside the old ones."""
         self.engine.eval()
         parts = defaultdict(list)
         for mb in micro_batches(shard, self.cfg.micro_batch_size):
-            logp, entropy = response_logprobs(self.engine, mb, self.temperature)
-            parts["old_logp"].append(logp)
-            parts["entropy"].append(entropy)
+            if old:
+                logp, entropy = response_logprobs(self.engine, mb, self.temperature)
+                parts["old_logp"].append(logp)
+                parts["entropy"].append(entropy)
             if self.reference is not None:
                 parts["ref_logp"].append(response_logprobs(self.reference, mb, self.temperature)[0])
         return {k: torch.cat(v) for k, v in parts.items()}
 
-    def update(self, mini_shards: list[tuple[object, LossNorm]], algorithm) -> dict:
-        """Optimizer steps over this rank's share of each mini-batch, `algorithm.epochs` times."""
+    def update(self, mini_shards: list[tuple[object, LossNorm]], algorithm) -> tuple[dict, dict]:
+        """Optimizer steps over this rank's share of each mini-batch, `algorithm.epochs` times.
+
+        Shards without old_logp (learner.old_logprob_pass=auto, one optimizer step per
+        batch) take them from this pass's own forward, detached: the weights have not
+        moved yet, so they are the numbers a separate pass would give. Those old log-probs
+        and the entropy come back as the second result."""
+        from_update = "old_logp" not in mini_shards[0][0].keys()
+        if from_update and (len(mini_shards) > 1 or algorithm.epochs > 1):
+            raise ValueError("old log-probs can come from the update pass only with one optimizer step per batch")
         self.engine.train()
-        sums, weights, grad_norms = defaultdict(float), defaultdict(float), []
+        sums, weights, grad_norms, seen = defaultdict(float), defaultdict(float), [], defaultdict(list)
         for _ in range(algorithm.epochs):
             for shard, norm in mini_shards:
                 for mb in micro_batches(shard, self.cfg.micro_batch_size):
-                    logp, _ = response_logprobs(self.engine, mb, self.temperature)
+                    logp, entropy = response_logprobs(self.engine, mb, self.temperature)
+                    if from_update:
+                        mb["old_logp"] = logp.detach()
+                        seen["old_logp"].append(logp.detach())
+                        seen["entropy"].append(entropy)
                     loss, metrics = algorithm.loss(logp, mb, norm)
                     self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
                     if self.engine.is_gradient_accumulation_boundary():
@@ -127,7 +141,7 @@ class LearnerRank:
                             weights[k] += tokens
         out = {k: (v / weights[k] if k in weights else v) for k, v in sums.items()}
         out.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=self.scheduler.get_last_lr()[0])
-        return out
+        return out, {k: torch.cat(v) for k, v in seen.items()}
 
     def _step_with_grad_norm(self) -> float:
         """Optimizer step; the gradient norm before clipping. ZeRO 1–3 record it; stage 0 does

@@ -43,7 +43,9 @@ def train_args(model, run_dir, *extra):
 
 def test_three_step_recipe_then_plot_and_eval(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
-    result = rlcore(*train_args(tiny_model, run_dir, "trainer.steps=3", "trainer.checkpoint_every=2", "logger.wandb=true"))
+    # old_logprob_pass=always: OPO's ratio check compares the update against an independent pass
+    result = rlcore(*train_args(tiny_model, run_dir, "trainer.steps=3", "trainer.checkpoint_every=2", "logger.wandb=true",
+                                "learner.old_logprob_pass=always"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "time/step" in r]

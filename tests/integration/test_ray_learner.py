@@ -29,8 +29,12 @@ def local_ray():
 CLUSTER = OmegaConf.structured(ClusterConfig(cpus_per_actor=0.25))
 
 
-def learners(model, ranks, zero_stage=2, lr=1e-3, batch_size=8):
-    cfg = OmegaConf.structured(LearnerConfig(num_ranks=ranks, zero_stage=zero_stage, micro_batch_size=2, lr=lr))
+ALGO = build_algorithm({"name": "grpo", "samples_per_prompt": 4})
+
+
+def learners(model, ranks, zero_stage=2, lr=1e-3, batch_size=8, old_logprob_pass="always"):
+    cfg = OmegaConf.structured(LearnerConfig(num_ranks=ranks, zero_stage=zero_stage, micro_batch_size=2, lr=lr,
+                                             old_logprob_pass=old_logprob_pass))
     return LearnerGroup(model_path=model, ref_path=None, dtype="float32", learner_cfg=cfg, cluster_cfg=CLUSTER, threads=1,
                         temperature=1.0, batch_size=batch_size, mini_batches=1, total_optimizer_steps=10, seed=0)
 
@@ -55,12 +59,12 @@ def batch(tiny_model, rollout):
 
 
 def test_one_and_two_ranks_give_the_same_update(tiny_model, batch):
-    algo = build_algorithm({"name": "grpo", "samples_per_prompt": 4})
+    algo = ALGO
     results = []
     for ranks in (1, 2):
         group = learners(tiny_model, ranks)
         b = batch.clone()
-        group.compute_logprobs(b)
+        group.compute_logprobs(b, ALGO)
         metrics = group.update(b, algo)
         results.append((metrics, ray.get(group.export_weights())))
         for r in group.ranks:
@@ -73,17 +77,37 @@ def test_one_and_two_ranks_give_the_same_update(tiny_model, batch):
         torch.testing.assert_close(w1[name], w2[name], atol=2e-5, rtol=0)
 
 
+def test_old_logprobs_from_the_update_pass_equal_a_separate_pass(tiny_model, batch):
+    """learner.old_logprob_pass=auto skips the separate pass when exactly on-policy: same old
+    log-probs, same entropy, same update, to the bit."""
+    results = []
+    for mode in ("always", "auto"):
+        group = learners(tiny_model, ranks=2, old_logprob_pass=mode)
+        b = batch.clone()
+        metrics = group.compute_logprobs(b, ALGO)
+        assert ("old_logp" in b.keys()) == (mode == "always")
+        metrics |= group.update(b, ALGO)
+        results.append((b["old_logp"], metrics, ray.get(group.export_weights())))
+        for r in group.ranks:
+            ray.kill(r)
+    (old_a, m_a, w_a), (old_b, m_b, w_b) = results
+    torch.testing.assert_close(old_a, old_b, atol=0, rtol=0)
+    assert m_a["entropy"] == m_b["entropy"] and m_a["grad_norm"] == m_b["grad_norm"]
+    for name in w_a:
+        torch.testing.assert_close(w_a[name], w_b[name], atol=0, rtol=0)
+
+
 def test_weight_sync_makes_rollout_match_learner(tiny_model, rollout, batch):
     group = learners(tiny_model, ranks=2, lr=1e-2)
-    algo = build_algorithm({"name": "grpo", "samples_per_prompt": 4})
+    algo = ALGO
     b = batch.clone()
-    group.compute_logprobs(b)
+    group.compute_logprobs(b, ALGO)
     mask = b["response_mask"]
     assert float(((b["old_logp"] - b["rollout_logp"]).abs() * mask).max()) < LOGP_TOLERANCE  # same start
 
     group.update(b, algo)
     after = batch.clone()
-    group.compute_logprobs(after)  # the learner's updated policy on the same fixed sequences
+    group.compute_logprobs(after, ALGO)  # the learner's updated policy on the same fixed sequences
     stale = (engine_logprobs(rollout, batch) - after["old_logp"]).abs() * mask
     assert float(stale.max()) > 1e-3  # the engine still holds the old weights
 
@@ -111,11 +135,11 @@ def test_zero3_exports_full_weights(tiny_model):
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_checkpoint_round_trip(tiny_model, batch, tmp_path, zero_stage):
     """Save after one update, load into fresh ranks, and the next update matches an uninterrupted one."""
-    algo = build_algorithm({"name": "grpo", "samples_per_prompt": 4})
+    algo = ALGO
 
     def step(group):
         b = batch.clone()
-        group.compute_logprobs(b)
+        group.compute_logprobs(b, ALGO)
         group.update(b, algo)
 
     straight = learners(tiny_model, ranks=2, zero_stage=zero_stage)
