@@ -60,7 +60,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """One PNG per metric family (the part before '/') under <run_dir>/plots/."""
+    """One PNG per metric family (the part before '/'), a panel per metric, under <run_dir>/plots/."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,14 +75,14 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir.mkdir(exist_ok=True)
     written = []
     for family, members in families.items():
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for k in members:
+        fig, axes = plt.subplots(len(members), 1, figsize=(7, 2.2 * len(members) + 0.6), sharex=True, squeeze=False)
+        for ax, k in zip(axes[:, 0], members):
             points = [(r["step"], r[k]) for r in rows if k in r]
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=k, marker="." if len(points) < 30 else None)
-        ax.set_xlabel("step")
-        ax.set_title(family)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+            ax.set_ylabel(k.split("/", 1)[-1], fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[0, 0].set_title(f"{family} — {Path(run_dir).name}")
+        axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
         path = out_dir / f"{family.replace('/', '_')}.png"
         fig.savefig(path, dpi=90)

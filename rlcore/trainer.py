@@ -61,7 +61,9 @@ def train(cfg) -> dict:
         if resume_from:
             log.write(f"resumed from {resume_from} (step {state['step']})")
         elif cfg.trainer.eval_before:
-            state["accuracy_before"] = evaluate(rollout, rewards, eval_set, cfg.rollout)["eval/accuracy"]
+            before = evaluate(rollout, rewards, eval_set, cfg.rollout)
+            log.log(0, before)  # step 0 of the held-out curve
+            state["accuracy_before"] = before["eval/accuracy"]
             log.write(f"held-out accuracy before training: {state['accuracy_before']:.1%}")
 
         for step in range(state["step"] + 1, steps + 1):
