@@ -128,18 +128,24 @@ class TrainerConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """What every command has: a model, a task, rollout workers to evaluate with, rewards, Ray."""
+
     name: str = "run"
     run_dir: str = "runs/${name}"
-    # `never`, `auto` (newest checkpoint in run_dir, if any) or a checkpoint directory.
-    resume: str = "never"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    algorithm: Dict[str, Any] = field(default_factory=lambda: {"name": "grpo"})
     reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    # `never`, `auto` (newest checkpoint in run_dir, if any) or a checkpoint directory.
+    resume: str = "never"
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algorithm: Dict[str, Any] = field(default_factory=lambda: {"name": "grpo"})
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -168,32 +174,19 @@ class SFTSettings:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
     name: str = "sft"
-    run_dir: str = "runs/${name}"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sft: SFTSettings = field(default_factory=SFTSettings)
     seed: int = 0
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(RunConfig):
+    """`rlcore eval`: greedy accuracy of model on data's held-out split."""
+
     name: str = "eval"
-    run_dir: str = "runs/${name}"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    # Samples per prompt; temperature 0 (greedy) unless rollout.temperature is set for eval.
-    samples: int = 1
-    greedy: bool = True
 
 
 def import_function(spec: str, key: str):
