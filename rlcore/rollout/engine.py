@@ -40,6 +40,9 @@ class RolloutEngine:
     def decode(self, token_ids: list[int]) -> str:
         raise NotImplementedError
 
+    # sleep/wake: the colocated-GPU contract (vLLM frees its memory while learners train).
+    # The rollout group will call them around updates when colocated placement lands
+    # (issue 3); on CPU there is nothing to free.
     def sleep(self) -> None:
         """Release memory while learners train (colocated GPUs). No-op where nothing is gained."""
 

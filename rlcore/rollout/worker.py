@@ -29,7 +29,6 @@ class RolloutWorker:
         self.engine = make_engine(backend, model_path, dtype)
 
     def run(self, program: str, prompts: list[Prompt], sampling: SamplingParams) -> list[Trajectory]:
-        self.engine.wake()
         return PROGRAMS[program](self.engine, prompts, sampling)
 
     def score(self, batch, temperature: float):
@@ -37,9 +36,6 @@ class RolloutWorker:
 
     def load_weights(self, state: dict) -> None:
         self.engine.load_weights(state.items())
-
-    def sleep(self) -> None:
-        self.engine.sleep()
 
 
 class RolloutGroup:
