@@ -20,7 +20,6 @@ class LearnerGroup:
         self.ranks = [actor.remote(rank, n, threads) for rank in range(n)]
         self.mini_batches = mini_batches
         self.old_logprob_pass, self.has_reference = learner_cfg.old_logprob_pass, ref_path is not None
-        self.old_from_update = False
         shard = batch_size // (n * mini_batches)
         grad_accum = math.ceil(shard / learner_cfg.micro_batch_size)
         master = ray.get(self.ranks[0].address.remote())
@@ -33,11 +32,11 @@ class LearnerGroup:
         """Add old_logp (and ref_logp) to the batch before the update; return the entropy.
         With learner.old_logprob_pass=auto and one optimizer step per batch, old_logp comes
         from the update's own forward instead (see LearnerRank.update)."""
-        self.old_from_update = self.old_logprob_pass == "auto" and algorithm.mini_batches == 1 and algorithm.epochs == 1
-        if self.old_from_update and not self.has_reference:
+        old_from_update = self.old_logprob_pass == "auto" and algorithm.mini_batches == 1 and algorithm.epochs == 1
+        if old_from_update and not self.has_reference:
             return {}
         shards = split_even(batch, len(self.ranks))
-        outs = ray.get([r.logprobs.remote(s, not self.old_from_update) for r, s in zip(self.ranks, shards)])
+        outs = ray.get([r.logprobs.remote(s, not old_from_update) for r, s in zip(self.ranks, shards)])
         return _absorb(batch, outs)
 
     def update(self, batch, algorithm) -> dict[str, float]:
@@ -48,9 +47,8 @@ class LearnerGroup:
                 rank_list.append((shard, norm))
         outs = ray.get([r.update.remote(shards, algorithm) for r, shards in zip(self.ranks, per_rank)])
         metrics = {k: (max if "max" in k else _mean)([m[k] for m, _ in outs]) for k in outs[0][0]}
-        if self.old_from_update:
-            metrics |= _absorb(batch, [tensors for _, tensors in outs])
-        return metrics
+        # old log-probs and entropy, when the ranks took them from this pass (empty otherwise)
+        return metrics | _absorb(batch, [tensors for _, tensors in outs])
 
     def export_weights(self):
         """A Ray reference to rank 0's full weights (all ranks join the ZeRO-3 gather)."""
@@ -66,7 +64,8 @@ class LearnerGroup:
 
 
 def _absorb(batch, outs: list[dict]) -> dict[str, float]:
-    """Concatenate per-rank tensors (rank order = batch order) into the batch; entropy becomes a metric."""
+    """Concatenate per-rank tensors (rank order = batch order) into the batch; entropy becomes a metric.
+    Empty dicts add nothing."""
     for key in outs[0]:
         batch[key] = torch.cat([o[key] for o in outs])
     if "entropy" not in batch.keys():
