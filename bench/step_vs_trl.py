@@ -1,4 +1,4 @@
-"""Time one RL step of rlcore against TRL's GRPOTrainer on the same workload (W1).
+"""Time one RL step of rlcore against TRL's GRPOTrainer on the same workload (W1 or W2).
 
 What is measured
     The wall time of one RL step (generate → reward → loss/backward → optimizer
@@ -13,8 +13,8 @@ What is measured
         wrapping two trainer methods.
     Both report the median over the steps after the first (warm-up).
 
-Workload W1 (identical for both)
-    A Qwen2 model (4 layers, hidden 256, 4 heads / 2 KV heads, intermediate 768),
+Workloads (identical for both frameworks)
+  W1: a Qwen2 model (4 layers, hidden 256, 4 heads / 2 KV heads, intermediate 768),
     randomly initialised with a fixed seed, with the tokenizer of rlcore's embedded
     model; saved once to a temporary directory that both frameworks load.
     8 prompts × 8 samples per step, up to 64 new tokens, temperature 1.0, one
@@ -24,12 +24,17 @@ Workload W1 (identical for both)
     configs/data/arith.yaml); the TRL dataset is exactly the prompts rlcore's
     sampler picks for steps 1..N, in that order, unshuffled.
     Both get the same number of torch threads (`--threads`, default: all cores).
+    rlcore generates with the transformers backend, as TRL does.
+  W2: SmolLM2-135M-Instruct (`model=smollm2_135m`, bfloat16), the same prompts and
+    settings but up to 256 new tokens; rlcore generates with vLLM (`rollout=vllm`),
+    TRL with transformers generate (its non-vLLM path). Goal: ratio ≤ 0.5.
 
 Output
     A table on stdout, and a JSON file (default bench/results/step_vs_trl_w1.json)
     whose one-line form is the last line printed; `ratio` = rlcore / TRL step time.
 
     python bench/step_vs_trl.py --steps 6
+    python bench/step_vs_trl.py --workload W2 --steps 3
 """
 
 from __future__ import annotations
@@ -46,16 +51,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results" / "step_vs_trl_w1.json"
+from common import write_result
 
+HERE = Path(__file__).resolve().parent
 PROMPTS_PER_STEP = 8
 SAMPLES_PER_PROMPT = 8
-MAX_NEW_TOKENS = 64
 TEMPERATURE = 1.0
 LR = 5e-5
 SEED = 0
@@ -102,11 +107,36 @@ def build_model_dir(tokenizer_spec: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def rlcore_overrides(model_dir: Path, run_dir: Path, steps: int, threads: int) -> list[str]:
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    max_new_tokens: int
+    dtype: str
+    rlcore_backend: str  # rollout config group for rlcore
+    description: dict
+
+
+WORKLOADS = {
+    "W1": Workload("W1", 64, "float32", "hf", {"type": "qwen2", **W1_ARCH, "init": f"random, seed {SEED}"}),
+    "W2": Workload("W2", 256, "bfloat16", "vllm", {"name": "SmolLM2-135M-Instruct", "path": "zoo:smollm2-135m-instruct"}),
+}
+
+
+def workload_model(workload: Workload, tokenizer_spec: str, work: Path) -> Path:
+    if workload.name == "W1":
+        return build_model_dir(tokenizer_spec, work / "model")
+    from rlcore.models import resolve_model_path
+
+    return Path(resolve_model_path(workload.description["path"]))
+
+
+def rlcore_overrides(workload: Workload, model_dir: Path, run_dir: Path, steps: int, threads: int) -> list[str]:
     """The `rlcore train` overrides of this benchmark (also used to compose the same data config here)."""
     return [
         "recipe=grpo_math",
+        f"rollout={workload.rlcore_backend}",
         f"model.path={model_dir}",
+        f"model.dtype={workload.dtype}",
         f"run_dir={run_dir}",
         f"trainer.steps={steps}",
         f"trainer.prompts_per_step={PROMPTS_PER_STEP}",
@@ -116,7 +146,7 @@ def rlcore_overrides(model_dir: Path, run_dir: Path, steps: int, threads: int) -
         "trainer.checkpoint_every=0",
         f"algorithm.samples_per_prompt={SAMPLES_PER_PROMPT}",
         "algorithm.kl_coef=0.0",
-        f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
+        f"rollout.max_new_tokens={workload.max_new_tokens}",
         f"rollout.temperature={TEMPERATURE}",
         f"learner.lr={LR}",
         "learner.lr_schedule=constant",
@@ -238,7 +268,7 @@ class StepClock:
         return StepClockCallback()
 
 
-def run_trl(model_dir: Path, rows: list[dict], steps: int, output_dir: Path) -> dict:
+def run_trl(workload: Workload, model_dir: Path, rows: list[dict], steps: int, output_dir: Path) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -249,12 +279,12 @@ def run_trl(model_dir: Path, rows: list[dict], steps: int, output_dir: Path) -> 
     args = GRPOConfig(
         output_dir=str(output_dir),
         use_cpu=True,
-        bf16=False,
+        bf16=workload.dtype == "bfloat16",
         use_vllm=False,
         num_generations=SAMPLES_PER_PROMPT,
         per_device_train_batch_size=PROMPTS_PER_STEP * SAMPLES_PER_PROMPT,  # completions per optimizer step
         gradient_accumulation_steps=1,  # → steps_per_generation=1, generation_batch_size=64: 8 prompts × 8
-        max_completion_length=MAX_NEW_TOKENS,
+        max_completion_length=workload.max_new_tokens,
         temperature=TEMPERATURE,
         beta=0.0,
         learning_rate=LR,
@@ -271,7 +301,7 @@ def run_trl(model_dir: Path, rows: list[dict], steps: int, output_dir: Path) -> 
         disable_tqdm=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # fp32 master weights, as DeepSpeed keeps
     clock = StepClock(("generate", "reward"))
     trainer = GRPOTrainer(
         model=model, reward_funcs=math_reward, args=args, train_dataset=dataset,
@@ -322,7 +352,7 @@ def machine_info(threads: int) -> dict:
 def print_table(result: dict) -> None:
     r, t = result["rlcore"], result["trl"]
     print()
-    print(f"W1 step time, median of steps 2..{result['steps']} ({result['workload']['batch']})")
+    print(f"{result['workload']['name']} step time, median of steps 2..{result['steps']} ({result['workload']['batch']})")
     print(f"  {'':22}{'rlcore':>10}{'TRL':>10}")
     print(f"  {'step (s)':22}{r['step_s']:>10.3f}{t['step_s']:>10.3f}")
     print(f"  {'ratio rlcore/TRL':22}{result['ratio']:>10.2f}")
@@ -339,7 +369,8 @@ def print_table(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="RL steps per framework (the first is warm-up)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON result")
+    parser.add_argument("--workload", default="W1", choices=sorted(WORKLOADS))
+    parser.add_argument("--out", type=Path, help="where to write the JSON result (default bench/results/step_vs_trl_<workload>.json)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for both frameworks")
     parser.add_argument("--tokenizer", default="embedded:arith-3m", help="model.path whose tokenizer W1 uses")
     parser.add_argument("--wait", type=float, default=1200, help="seconds to wait for the embedded model to appear")
@@ -360,21 +391,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="step_vs_trl_") as tmp:
         work = args.work_dir or Path(tmp)
-        model_dir = build_model_dir(args.tokenizer, work / "model")
-        overrides = rlcore_overrides(model_dir, work / "rlcore_run", args.steps, args.threads)
+        workload = WORKLOADS[args.workload]
+        model_dir = workload_model(workload, args.tokenizer, work)
+        overrides = rlcore_overrides(workload, model_dir, work / "rlcore_run", args.steps, args.threads)
         rows = rlcore_step_prompts(overrides, args.steps)
         print(f"rlcore train ({args.steps} steps) ...", flush=True)
         rlcore = summarize_rlcore(run_rlcore(overrides, work / "rlcore_run"))
         print(f"TRL GRPOTrainer ({args.steps} steps) ...", flush=True)
-        trl_result = run_trl(model_dir, rows, args.steps, work / "trl_out")
+        trl_result = run_trl(workload, model_dir, rows, args.steps, work / "trl_out")
 
     result = {
         "benchmark": "step_vs_trl",
         "workload": {
-            "name": "W1",
-            "model": {"type": "qwen2", **W1_ARCH, "init": f"random, seed {SEED}"},
-            "tokenizer": args.tokenizer,
-            "batch": f"{PROMPTS_PER_STEP} prompts x {SAMPLES_PER_PROMPT} samples, <= {MAX_NEW_TOKENS} new tokens",
+            "name": workload.name,
+            "model": workload.description,
+            "dtype": workload.dtype,
+            "rlcore_rollout": workload.rlcore_backend,
+            "tokenizer": args.tokenizer if workload.name == "W1" else "the model's own",
+            "batch": f"{PROMPTS_PER_STEP} prompts x {SAMPLES_PER_PROMPT} samples, <= {workload.max_new_tokens} new tokens",
             "temperature": TEMPERATURE,
             "lr": LR,
             "reward": "rlcore.rewards.math:math_correct",
@@ -389,10 +423,8 @@ def main() -> None:
         "machine": {**info, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
     }
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    print(json.dumps(result))
+    out = args.out or HERE / "results" / f"step_vs_trl_{workload.name.lower()}.json"
+    write_result(result, out)
 
 
 if __name__ == "__main__":

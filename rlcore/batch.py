@@ -79,5 +79,108 @@ def split_even(batch: TensorDict, parts: int) -> list[TensorDict]:
     return [batch[i * size : (i + 1) * size] for i in range(parts)]
 
 
-def micro_batches(batch: TensorDict, size: int) -> list[TensorDict]:
-    return [batch[i : i + size] for i in range(0, batch.batch_size[0], size)]
+# ---- micro-batching -------------------------------------------------------------------------
+#
+# A learner rank runs its shard as consecutive micro-batches, each trimmed to its own
+# longest prompt and response (`trim_padding`), so a micro-batch of short samples costs
+# short-sample memory even when the batch holds one long sample. The plan (rows per
+# micro-batch) is made by the driver for every rank at once (`plan_micro_batches`): under
+# ZeRO-2/3 each forward and backward is a collective, so all ranks must run the same
+# number of micro-batches.
+
+
+def sequence_lengths(batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real (non-pad) prompt and response tokens of each row, from the attention mask."""
+    mask = batch["attention_mask"]
+    P = mask.shape[1] - batch["response_ids"].shape[1]
+    return mask[:, :P].sum(1), mask[:, P:].sum(1)
+
+
+def micro_batch_cost(rows: int, prompt: int, response: int) -> int:
+    """Token slots of a trimmed micro-batch: rows × its own padded width (pads included,
+    because the forward computes them). The response keeps ≥ 1 column, as in build_batch."""
+    return rows * (prompt + max(response, 1))
+
+
+def pack_by_tokens(prompt_lens: list[int], response_lens: list[int], budget: int) -> list[int]:
+    """Rows per micro-batch: consecutive rows, in batch order, as many as fit in `budget`
+    token slots (micro_batch_cost); a row that alone exceeds the budget goes alone.
+
+    Batch order (no sorting) keeps the per-row outputs in place, so results concatenate
+    back without a permutation."""
+    sizes: list[int] = []
+    rows = longest_prompt = longest_response = 0
+    for p, r in zip(prompt_lens, response_lens):
+        p_max, r_max = max(longest_prompt, p), max(longest_response, r)
+        if rows and micro_batch_cost(rows + 1, p_max, r_max) > budget:
+            sizes.append(rows)
+            rows, p_max, r_max = 0, p, r
+        rows, longest_prompt, longest_response = rows + 1, p_max, r_max
+    if rows:
+        sizes.append(rows)
+    return sizes
+
+
+def equalise_counts(plans: list[list[int]]) -> list[list[int]]:
+    """Split micro-batches until every plan has as many as the longest one.
+
+    The largest micro-batch is halved each time; a part of a micro-batch never costs more
+    than the whole, so the token budget still holds. Every shard has the same number of
+    rows (split_even), and no plan has more micro-batches than rows, so this always ends."""
+    target = max(len(plan) for plan in plans)
+    out = []
+    for plan in plans:
+        plan = list(plan)
+        while len(plan) < target:
+            i = max(range(len(plan)), key=plan.__getitem__)
+            plan[i : i + 1] = [plan[i] - plan[i] // 2, plan[i] // 2]
+        out.append(plan)
+    return out
+
+
+def plan_micro_batches(shards: list[TensorDict], rows: int, tokens: int) -> list[list[int]]:
+    """Rows per micro-batch for each rank's shard, the same count for every rank.
+
+    tokens > 0 (learner.micro_batch_tokens): packed by token budget; otherwise fixed
+    micro-batches of `rows` (learner.micro_batch_size)."""
+    if not tokens:
+        n = shards[0].batch_size[0]
+        return [[min(rows, n - i) for i in range(0, n, rows)] for _ in shards]
+    plans = []
+    for shard in shards:
+        prompt, response = sequence_lengths(shard)
+        plans.append(pack_by_tokens(prompt.tolist(), response.tolist(), tokens))
+    return equalise_counts(plans)
+
+
+def trim_padding(batch: TensorDict) -> TensorDict:
+    """The same rows with padding cut to their own longest prompt (left) and response (right).
+
+    input_ids/attention_mask lose pad columns on both sides; every other [B, R, …] tensor
+    (the per-token response tensors of the layout above) loses them on the right. The
+    position ids come from the attention mask, so the real tokens see the same positions."""
+    R = batch["response_ids"].shape[1]
+    P = batch["input_ids"].shape[1] - R
+    prompt, response = sequence_lengths(batch)
+    p, r = int(prompt.max()), max(int(response.max()), 1)
+
+    def cut(key, t):
+        if key in ("input_ids", "attention_mask"):
+            return t[:, P - p : P + r]
+        return t[:, :r] if t.dim() >= 2 and t.shape[1] == R else t
+
+    return TensorDict({k: cut(k, v) for k, v in batch.items()}, batch_size=batch.batch_size)
+
+
+def micro_batches(batch: TensorDict, sizes: list[int]) -> list[TensorDict]:
+    """Consecutive micro-batches of `sizes` rows (see plan_micro_batches), each trimmed."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(trim_padding(batch[start : start + n]))
+        start += n
+    return out
+
+
+def pad_response(t: torch.Tensor, width: int) -> torch.Tensor:
+    """A trimmed [b, r] per-token tensor back to the batch's response width R (zeros on the right)."""
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]))

@@ -1,4 +1,4 @@
-"""`rlcore train | sft | eval | plot`.
+"""`rlcore train | sft | eval | plot | launch`.
 
 train, sft and eval are Hydra apps over configs/ (installed as rlcore.conf):
 `rlcore train recipe=opo_math trainer.steps=50`, and Hydra's own options
@@ -42,6 +42,7 @@ USAGE = """usage: rlcore COMMAND [overrides]
   rlcore sft recipe=NAME [key=value ...]     supervised fine-tuning
   rlcore eval model=PATH [data=PATH]         greedy held-out accuracy of a model
   rlcore plot RUN_DIR                        PNG curves from RUN_DIR/metrics.jsonl
+  rlcore launch slurm nodes=N gpus_per_node=G recipe=NAME [...]   train as a Slurm job (docs/cluster.md)
 
 Hydra options work after the command: --cfg job, -m (multirun), --help."""
 
@@ -174,8 +175,13 @@ def main() -> None:
         except FileNotFoundError as e:
             _fail(str(e))
         return
+    if command == "launch":
+        from rlcore.launch import main as launch
+
+        launch(rest)
+        return
     if command not in SCHEMAS:
-        _fail(f"unknown command {command!r}; choose train, sft, eval or plot")
+        _fail(f"unknown command {command!r}; choose train, sft, eval, plot or launch")
     rest = _shorthands(rest)
     hydra_flags = [a for a in rest if a.startswith("-")]
     if not hydra_flags:

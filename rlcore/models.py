@@ -1,4 +1,5 @@
-"""Loading models and tokenizers: an HF directory, a hub id, or `embedded:<name>` (shipped in rlcore/assets)."""
+"""Loading models and tokenizers: an HF directory, a hub id, `embedded:<name>` (shipped in
+rlcore/assets) or `zoo:<name>` (built into a cache on first use, see rlcore.model_zoo)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ from pathlib import Path
 
 import torch
 
+from rlcore import model_zoo
 from rlcore.config import ConfigError
 
 EMBEDDED_PREFIX = "embedded:"
 
 
 def resolve_model_path(path: str) -> str:
+    """model.path → what transformers loads. A zoo model is built here on first use: commands
+    resolve once in the driver and give actors the result."""
+    if path.startswith(model_zoo.PREFIX):
+        return str(model_zoo.fetch(path[len(model_zoo.PREFIX) :]))
     if path.startswith(EMBEDDED_PREFIX):
         name = path[len(EMBEDDED_PREFIX) :]
         found = resources.files("rlcore") / "assets" / name

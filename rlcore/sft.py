@@ -19,11 +19,12 @@ from omegaconf import OmegaConf
 from rlcore.algorithm import LossNorm, aggregate
 from rlcore.batch import Trajectory, build_batch
 from rlcore.cluster import ray_session, thread_counts
-from rlcore.config import import_function, validate_common, validate_learner
+from rlcore.config import import_function, longest_request, validate_common, validate_learner
 from rlcore.data import Prompt, PromptSampler, load_splits, reasoning_gym_rows
 from rlcore.learner.group import LearnerGroup
 from rlcore.logging import PeakMemory, RunLogger, StepTimer
-from rlcore.models import load_tokenizer
+from rlcore.models import load_tokenizer, resolve_model_path
+from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
 from rlcore.rollout.worker import RolloutGroup
 from rlcore.trainer import evaluate
@@ -45,7 +46,7 @@ class CompletionNLL:
 
     def loss(self, logp, batch, norm: LossNorm):
         loss = aggregate(-logp, batch["response_mask"], "token-mean", norm)
-        return loss, {"nll": loss.detach()}
+        return loss, {"nll_loss": loss.detach()}  # a "loss" share: adds up over micro-batches
 
 
 def build_scratch_model(texts: list[str], arch, out_dir: Path) -> str:
@@ -79,23 +80,27 @@ def sft(cfg) -> dict:
     validate_learner(cfg)
     run_dir = Path(cfg.run_dir)
     completion_of = import_function(cfg.sft.completion_fn, "sft.completion_fn")
-    model_path = cfg.model.path
     if cfg.sft.from_scratch:
         rows = reasoning_gym_rows(cfg.data.task, 2000, cfg.data.train_seed, dict(cfg.data.task_args))
         texts = [r["question"] + " " + completion_of(Prompt("", r["question"], r["answer"])) for r in rows]
         model_path = build_scratch_model(texts, cfg.sft.scratch, run_dir / "init")
+    else:
+        model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_splits(cfg.data, tokenizer)
     sampler = PromptSampler(len(train_set), cfg.seed)
     started = time.time()
     with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
-        rollout_threads, learner_threads = thread_counts(cfg.cluster, cfg.learner.num_ranks)
+        rollout_threads, learner_threads = thread_counts(cfg.cluster, cfg.rollout.num_workers, cfg.learner.num_ranks)
+        placement = plan_placement(cfg.cluster, cfg.rollout.num_workers, cfg.rollout.vllm.tensor_parallel_size, cfg.learner.num_ranks)
+        rollout = RolloutGroup(
+            model_path, cfg.model.dtype, cfg.rollout, cfg.cluster, longest_request(cfg), rollout_threads, placement.rollout
+        )
         learner = LearnerGroup(
             model_path=model_path, ref_path=None, dtype=cfg.model.dtype, learner_cfg=cfg.learner, cluster_cfg=cfg.cluster,
             threads=learner_threads, temperature=1.0, batch_size=cfg.sft.batch_size, mini_batches=1,
-            total_optimizer_steps=cfg.sft.steps, seed=cfg.seed,
+            total_optimizer_steps=cfg.sft.steps, seed=cfg.seed, actor_options=placement.learner,
         )
-        rollout = RolloutGroup(model_path, cfg.model.dtype, cfg.rollout, cfg.cluster, rollout_threads)
         log = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), cfg.name, 0, cfg.sft.steps)
         objective = CompletionNLL()
         for step in range(1, cfg.sft.steps + 1):

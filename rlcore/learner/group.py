@@ -8,20 +8,23 @@ import ray
 import torch
 
 from rlcore.algorithm import LossNorm
-from rlcore.batch import split_even
+from rlcore.batch import plan_micro_batches, split_even
 from rlcore.learner.rank import LearnerRank
 
 
 class LearnerGroup:
     def __init__(self, *, model_path: str, ref_path: str | None, dtype: str, learner_cfg, cluster_cfg, threads: int,
-                 temperature: float, batch_size: int, mini_batches: int, total_optimizer_steps: int, seed: int):
+                 temperature: float, batch_size: int, mini_batches: int, total_optimizer_steps: int, seed: int,
+                 actor_options: list[dict] | None = None):
+        """`actor_options`: Ray options per rank (rlcore.placement); default: cluster.cpus_per_actor CPUs each."""
         n = learner_cfg.num_ranks
-        actor = ray.remote(num_cpus=cluster_cfg.cpus_per_actor)(LearnerRank)
-        self.ranks = [actor.remote(rank, n, threads) for rank in range(n)]
+        options = actor_options or [{"num_cpus": cluster_cfg.cpus_per_actor}] * n
+        self.ranks = [ray.remote(LearnerRank).options(**o).remote(rank, n, threads) for rank, o in enumerate(options)]
         self.mini_batches = mini_batches
+        self.micro_rows, self.micro_tokens = learner_cfg.micro_batch_size, learner_cfg.micro_batch_tokens
         self.old_logprob_pass, self.has_reference = learner_cfg.old_logprob_pass, ref_path is not None
         shard = batch_size // (n * mini_batches)
-        grad_accum = math.ceil(shard / learner_cfg.micro_batch_size)
+        grad_accum = math.ceil(shard / learner_cfg.micro_batch_size)  # DeepSpeed's bookkeeping (see rank.py)
         master = ray.get(self.ranks[0].address.remote())
         ray.get([
             r.setup.remote(master, model_path, ref_path, dtype, learner_cfg, temperature, total_optimizer_steps, grad_accum, seed)
@@ -36,17 +39,20 @@ class LearnerGroup:
         if old_from_update and not self.has_reference:
             return {}
         shards = split_even(batch, len(self.ranks))
-        outs = ray.get([r.logprobs.remote(s, not old_from_update) for r, s in zip(self.ranks, shards)])
+        plans = plan_micro_batches(shards, self.micro_rows, self.micro_tokens)
+        outs = ray.get([r.logprobs.remote(s, p, not old_from_update) for r, s, p in zip(self.ranks, shards, plans)])
         return _absorb(batch, outs)
 
     def update(self, batch, algorithm) -> dict[str, float]:
         per_rank = [[] for _ in self.ranks]
         for mini in split_even(batch, self.mini_batches):
             norm = LossNorm(tokens=float(mini["response_mask"].sum().clamp(min=1)), seqs=float(mini.batch_size[0]))
-            for rank_list, shard in zip(per_rank, split_even(mini, len(self.ranks))):
-                rank_list.append((shard, norm))
-        outs = ray.get([r.update.remote(shards, algorithm) for r, shards in zip(self.ranks, per_rank)])
-        metrics = {k: (max if "max" in k else _mean)([m[k] for m, _ in outs]) for k in outs[0][0]}
+            shards = split_even(mini, len(self.ranks))
+            plans = plan_micro_batches(shards, self.micro_rows, self.micro_tokens)
+            for rank_list, shard, plan in zip(per_rank, shards, plans):
+                rank_list.append((shard, norm, plan))
+        outs = ray.get([r.update.remote(work, algorithm) for r, work in zip(self.ranks, per_rank)])
+        metrics = {k: _over_ranks(k)([m[k] for m, _ in outs]) for k in outs[0][0]}
         # old log-probs and entropy, when the ranks took them from this pass (empty otherwise)
         return metrics | _absorb(batch, [tensors for _, tensors in outs])
 
@@ -76,3 +82,9 @@ def _absorb(batch, outs: list[dict]) -> dict[str, float]:
 
 def _mean(values):
     return sum(values) / len(values)
+
+
+def _over_ranks(key: str):
+    """How a metric combines over ranks (see LearnerRank.update): maxima; loss shares add up;
+    per-token means average."""
+    return max if "max" in key else sum if "loss" in key else _mean

@@ -5,6 +5,19 @@ one in-process. Gradients of a mini-batch accumulate over micro-batches; each
 micro-batch's loss is already normalised by the whole mini-batch (see
 rlcore.algorithm), so DeepSpeed's own 1/GAS scaling is turned off and its
 1/world-size gradient averaging is undone by scaling the loss by world size.
+
+The number of micro-batches per optimizer step is the driver's plan (fixed rows or a
+token budget, rlcore.batch.plan_micro_batches), not DeepSpeed's fixed
+gradient_accumulation_steps: the rank marks each step's last micro-batch itself
+(`set_gradient_accumulation_boundary`) and steps once after it.
+
+The reference model (for KL) lives on the learner ranks only when the algorithm needs
+one (the trainer passes ref_path=None otherwise: nothing is loaded, nothing runs). It is
+frozen and in model.dtype. Under ZeRO-3 it is partitioned like the policy (and offloaded
+with learner.offload_params), as a DeepSpeed engine without an optimizer, so it costs 1/N of
+its weights per rank; its forwards are collectives, like the policy's, and run the same
+micro-batch plan. Under ZeRO 0–2 it is a plain module on the rank's device (a DeepSpeed
+engine would add fp32 master copies for nothing).
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from pathlib import Path
 import torch
 
 from rlcore.algorithm import LossNorm
-from rlcore.batch import micro_batches
+from rlcore.batch import micro_batches, pad_response
 from rlcore.models import load_model, resolve_model_path, response_logprobs
 
 
@@ -37,6 +50,40 @@ def lr_lambda(cfg, total_steps: int):
         return 1.0
 
     return factor
+
+
+def deepspeed_config(cfg, dtype: str, world_size: int, grad_accum: int, cuda: bool) -> dict:
+    """The DeepSpeed config of the policy engine.
+
+    bf16 (model.dtype=bfloat16): the model runs in bf16 and every optimizer DeepSpeed picks
+    keeps fp32 master weights (ZeRO 1–3: fp32 partitions; ZeRO-0: FP16_UnfusedOptimizer's
+    fp32 copies). Under ZeRO 1–3 gradients also accumulate over micro-batches in fp32, which
+    matters when a token budget makes many small micro-batches; ZeRO-0 cannot (DeepSpeed
+    supports only bf16 accumulation there). Offload keeps optimizer states (and Adam's step,
+    DeepSpeedCPUAdam) or ZeRO-3 parameters in CPU memory; pinned memory on GPU only.
+
+    train_micro_batch_size_per_gpu and gradient_accumulation_steps are bookkeeping: the rank
+    sets the accumulation boundary itself (see the module doc)."""
+    bf16 = dtype == "bfloat16"
+    zero: dict = {"stage": cfg.zero_stage}
+    offload = {"device": "cpu", "pin_memory": cuda}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = dict(offload)
+    if cfg.offload_params:
+        zero["offload_param"] = dict(offload)
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": cfg.micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if bf16 and cfg.zero_stage > 0:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def free_port() -> int:
@@ -70,77 +117,110 @@ class LearnerRank:
         torch.manual_seed(seed)
         self.cfg, self.temperature, self.zero_stage = cfg, temperature, cfg.zero_stage
         model = load_model(model_path, dtype)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        if cfg.gradient_checkpointing:
+            # Non-reentrant: recomputes under ZeRO-3's parameter gathering hooks, and works
+            # when the inputs need no grad (token ids).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        adam = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        if cfg.offload_optimizer:
+            # DeepSpeed requires its CPU Adam with optimizer offload (JIT-built on first use,
+            # cached in TORCH_EXTENSIONS_DIR); adamw_mode=True is decoupled weight decay, like AdamW.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **adam)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), **adam)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_optimizer_steps))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-            "gradient_accumulation_steps": grad_accum,
-            "train_batch_size": cfg.micro_batch_size * grad_accum * self.world_size,
-            "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "bf16": {"enabled": dtype == "bfloat16"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        ds_config = deepspeed_config(cfg, dtype, self.world_size, grad_accum, torch.cuda.is_available())
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
-        self.reference = None
-        if ref_path:
-            self.reference = load_model(ref_path, dtype).eval().requires_grad_(False)
+        self.device = self.engine.device
+        self.reference = self._reference(ref_path, dtype, ds_config) if ref_path else None
+
+    def _reference(self, path: str, dtype: str, policy_config: dict):
+        """The frozen reference model, placed as the module doc says."""
+        import deepspeed
+
+        model = load_model(path, dtype).eval().requires_grad_(False)
+        if self.zero_stage != 3:
+            return model.to(self.device)
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {k: v for k, v in policy_config["zero_optimization"].items() if k != "offload_optimizer"},
+            "bf16": policy_config["bf16"],
+            "steps_per_print": 10**9,
+        }
+        engine = deepspeed.initialize(model=model, config=config)[0]
+        engine.eval()  # DeepSpeedEngine.eval() returns None
+        return engine
 
     # ---- the three things the trainer asks of a learner ------------------------------------
 
     @torch.no_grad()
-    def logprobs(self, shard, old: bool) -> dict:
+    def logprobs(self, shard, sizes: list[int], old: bool) -> dict:
         """Old log-probs (when `old`) and reference log-probs (when there is a reference) of a
-        shard, with the current policy's entropy alongside the old ones."""
+        shard in micro-batches of `sizes` rows, with the current policy's entropy alongside
+        the old ones. All [B, R] on CPU, zero past each micro-batch's own response width."""
         self.engine.eval()
+        R = shard["response_ids"].shape[1]
         parts = defaultdict(list)
-        for mb in micro_batches(shard, self.cfg.micro_batch_size):
+        for mb in micro_batches(shard, sizes):
+            mb = mb.to(self.device)
             if old:
                 logp, entropy = response_logprobs(self.engine, mb, self.temperature)
                 parts["old_logp"].append(logp)
                 parts["entropy"].append(entropy)
             if self.reference is not None:
                 parts["ref_logp"].append(response_logprobs(self.reference, mb, self.temperature)[0])
-        return {k: torch.cat(v) for k, v in parts.items()}
+        return {k: torch.cat([pad_response(t, R) for t in v]).cpu() for k, v in parts.items()}
 
-    def update(self, mini_shards: list[tuple[object, LossNorm]], algorithm) -> tuple[dict, dict]:
-        """Optimizer steps over this rank's share of each mini-batch, `algorithm.epochs` times.
+    def update(self, mini_shards: list[tuple[object, LossNorm, list[int]]], algorithm) -> tuple[dict, dict]:
+        """Optimizer steps over this rank's share of each mini-batch (with its loss norm and
+        micro-batch plan), `algorithm.epochs` times.
 
         Shards without old_logp (learner.old_logprob_pass=auto, one optimizer step per
         batch) take them from this pass's own forward, detached: the weights have not
         moved yet, so they are the numbers a separate pass would give. Those old log-probs
-        and the entropy come back as the second result."""
+        and the entropy come back as the second result.
+
+        Metrics: names with "max" take the maximum; names with "loss" are shares of their
+        mini-batch's loss (LossNorm), so they add up over micro-batches (and over ranks, in
+        the group) and average over optimizer steps; the rest are per-token means, weighted
+        by tokens. None depends on how the rows are grouped into micro-batches."""
         from_update = "old_logp" not in mini_shards[0][0].keys()
         if from_update and (len(mini_shards) > 1 or algorithm.epochs > 1):
             raise ValueError("old log-probs can come from the update pass only with one optimizer step per batch")
         self.engine.train()
-        sums, weights, grad_norms, seen = defaultdict(float), defaultdict(float), [], defaultdict(list)
+        sums, weights, peaks, losses = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(float)
+        grad_norms, seen = [], defaultdict(list)
         for _ in range(algorithm.epochs):
-            for shard, norm in mini_shards:
-                for mb in micro_batches(shard, self.cfg.micro_batch_size):
+            for shard, norm, sizes in mini_shards:
+                R = shard["response_ids"].shape[1]
+                for i, mb in enumerate(micro_batches(shard, sizes)):
+                    # Set before the forward: ZeRO reads it in its hooks (reduce now or accumulate).
+                    self.engine.set_gradient_accumulation_boundary(i == len(sizes) - 1)
+                    mb = mb.to(self.device)
                     logp, entropy = response_logprobs(self.engine, mb, self.temperature)
                     if from_update:
                         mb["old_logp"] = logp.detach()
-                        seen["old_logp"].append(logp.detach())
-                        seen["entropy"].append(entropy)
+                        seen["old_logp"].append(pad_response(logp.detach(), R).cpu())
+                        seen["entropy"].append(pad_response(entropy, R).cpu())
                     loss, metrics = algorithm.loss(logp, mb, norm)
                     self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-                    if self.engine.is_gradient_accumulation_boundary():
-                        grad_norms.append(self._step_with_grad_norm())
-                    else:
-                        self.engine.step()
                     tokens = float(mb["response_mask"].sum())
                     for k, v in metrics.items():
                         if "max" in k:
-                            sums[k] = max(sums[k], float(v))
+                            peaks[k] = max(peaks[k], float(v))
+                        elif "loss" in k:
+                            losses[k] += float(v)
                         else:
                             sums[k] += float(v) * tokens
                             weights[k] += tokens
-        out = {k: (v / weights[k] if k in weights else v) for k, v in sums.items()}
-        out.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=self.scheduler.get_last_lr()[0])
+                grad_norms.append(self._step_with_grad_norm())
+        steps = len(grad_norms)
+        out = {k: v / weights[k] for k, v in sums.items()} | peaks | {k: v / steps for k, v in losses.items()}
+        out.update(grad_norm=sum(grad_norms) / steps, lr=self.scheduler.get_last_lr()[0])
         return out, {k: torch.cat(v) for k, v in seen.items()}
 
     def _step_with_grad_norm(self) -> float:

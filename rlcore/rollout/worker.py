@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 
 import ray
 import torch
@@ -13,20 +14,24 @@ from rlcore.rollout.engine import SamplingParams
 from rlcore.rollout.programs import PROGRAMS
 
 
-def make_engine(backend: str, model_path: str, dtype: str):
-    if backend == "hf":
+def make_engine(rollout_cfg, model_path: str, dtype: str, max_model_len: int, colocated: bool):
+    if rollout_cfg.backend == "hf":
         from rlcore.rollout.hf import HFRolloutEngine
 
         return HFRolloutEngine(model_path, dtype)
-    raise ValueError(f"unknown rollout backend {backend!r}")
+    if rollout_cfg.backend == "vllm":
+        from rlcore.rollout.vllm import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(model_path, dtype, rollout_cfg.vllm, max_model_len, sleeps=colocated)
+    raise ValueError(f"unknown rollout backend {rollout_cfg.backend!r}")
 
 
 class RolloutWorker:
     """One engine plus the rollout programs. A plain class: tests use it in-process, jobs as a Ray actor."""
 
-    def __init__(self, backend: str, model_path: str, dtype: str, threads: int):
+    def __init__(self, rollout_cfg, model_path: str, dtype: str, max_model_len: int, threads: int, colocated: bool = False):
         torch.set_num_threads(threads)
-        self.engine = make_engine(backend, model_path, dtype)
+        self.engine = make_engine(rollout_cfg, model_path, dtype, max_model_len, colocated)
 
     def run(self, program: str, prompts: list[Prompt], sampling: SamplingParams) -> list[Trajectory]:
         return PROGRAMS[program](self.engine, prompts, sampling)
@@ -37,13 +42,25 @@ class RolloutWorker:
     def load_weights(self, state: dict) -> None:
         self.engine.load_weights(state.items())
 
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
+
 
 class RolloutGroup:
     """Splits a step's prompts over the workers; seeds each call so a resumed run samples the same."""
 
-    def __init__(self, model_path: str, dtype: str, rollout_cfg, cluster_cfg, threads: int):
-        actor = ray.remote(num_cpus=cluster_cfg.cpus_per_actor)(RolloutWorker)
-        self.workers = [actor.remote(rollout_cfg.backend, model_path, dtype, threads) for _ in range(rollout_cfg.num_workers)]
+    def __init__(self, model_path: str, dtype: str, rollout_cfg, cluster_cfg, max_model_len: int, threads: int,
+                 actor_options: list[dict] | None = None):
+        """`actor_options`: Ray options per worker (rlcore.placement); default: cluster.cpus_per_actor CPUs each."""
+        actor = ray.remote(RolloutWorker)
+        colocated = cluster_cfg.placement == "colocated"
+        options = actor_options or [{"num_cpus": cluster_cfg.cpus_per_actor}] * rollout_cfg.num_workers
+        self.workers = [
+            actor.options(**o).remote(rollout_cfg, model_path, dtype, max_model_len, threads, colocated) for o in options
+        ]
 
     def generate(self, prompts: list[Prompt], program: str, sampling: SamplingParams) -> list[Trajectory]:
         n = len(self.workers)
@@ -63,3 +80,12 @@ class RolloutGroup:
     def load_weights(self, state_ref) -> None:
         """`state_ref`: a Ray reference to a {name: tensor} dict, fetched by each worker from the object store."""
         ray.get([w.load_weights.remote(state_ref) for w in self.workers])
+
+    @contextmanager
+    def asleep(self):
+        """Engines free their memory for the block (vLLM on GPUs shared with learners) and take it back after."""
+        ray.get([w.sleep.remote() for w in self.workers])
+        try:
+            yield
+        finally:
+            ray.get([w.wake.remote() for w in self.workers])

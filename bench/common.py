@@ -1,0 +1,31 @@
+"""What every benchmark script does the same way: describe the machine, write the result."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    """Device, platform and load: numbers only compare on the same device at a similar load."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return {
+        "device": device,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(result: dict, out: Path) -> None:
+    """The JSON file, then its one-line form as the last line printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    print(json.dumps(result))

@@ -1,0 +1,151 @@
+"""`rlcore launch slurm nodes=N gpus_per_node=G [partition=… time=…] [train overrides] [--dry-run] [--wait]`.
+
+Writes an sbatch script that starts a Ray cluster over the job's nodes and runs `rlcore
+train` against it, then submits it (`--dry-run` prints it instead). The script is a header
+written here (#SBATCH lines, the environment to use, the train overrides) followed by
+rlcore/templates/slurm.sbatch, plain bash that takes addresses, ports and CPU counts from
+Slurm's environment at run time. Users read and edit it: it is saved as
+RUN_DIR/slurm.sbatch and can be resubmitted with `sbatch`.
+
+The train overrides are checked here, as `rlcore train` would, so that a typo fails at
+submit time rather than after the job waited in the queue.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+from rlcore.cli import _fail, _precheck, _shorthands
+
+USAGE = "usage: rlcore launch slurm nodes=N gpus_per_node=G [partition=P time=T ...] [train overrides] [--dry-run] [--wait]"
+
+# Launcher options: name → (pattern of a valid value, what the value should be). Every other key=value is a train override.
+OPTIONS = {
+    "nodes": (r"[1-9]\d*", "a whole number of machines, at least 1"),
+    "gpus_per_node": (r"\d+", "a whole number, 0 for CPU nodes"),
+    "cpus_per_node": (r"[1-9]\d*", "a whole number; leave it out to take whole nodes"),
+    "mem": (r"\d+[KMGT]?", "a size per node such as 64G (0: all of the node's memory)"),
+    "time": (r"(\d+-)?\d+(:\d\d){0,2}", "minutes, HH:MM:SS or D-HH:MM:SS"),
+    "partition": (r"[\w.,-]+", "a partition name (`sinfo -s` lists them)"),
+    "account": (r"[\w.-]+", "a Slurm account name"),
+    "job_name": (r"[\w.-]+", "letters, digits, '.', '_' and '-'"),
+}
+REQUIRED = ("nodes", "gpus_per_node")
+FLAGS = ("--dry-run", "--wait")
+# Train settings the script sets from the job itself.
+SET_BY_SCRIPT = {"cluster.address": "the job's Ray head", "cluster.num_cpus": "Slurm's CPUs per node; use cpus_per_node=N"}
+RAY_WAIT_S = 300
+
+
+def parse(args: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
+    """(launcher options, train overrides, flags) from the arguments after `rlcore launch`."""
+    if not args or args[0] != "slurm":
+        _fail(f"rlcore launch needs a launcher, and slurm is the only one: {USAGE}")
+    options, overrides, flags = {}, [], set()
+    for arg in args[1:]:
+        key, sep, value = arg.partition("=")
+        if arg.startswith("-"):
+            if arg not in FLAGS:
+                _fail(f"{arg} is not an option of rlcore launch slurm; use {' or '.join(FLAGS)}")
+            flags.add(arg)
+        elif sep and key in OPTIONS:
+            pattern, expected = OPTIONS[key]
+            if not re.fullmatch(pattern, value):
+                _fail(f"{key}={value} is not valid; {key} is {expected}")
+            options[key] = value
+        elif key in SET_BY_SCRIPT:
+            _fail(f"{key} is set by the launcher ({SET_BY_SCRIPT[key]}); remove {arg}")
+        else:
+            overrides.append(arg)
+    for key in REQUIRED:
+        if key not in options:
+            _fail(f"{key} is missing; add {key}=N ({OPTIONS[key][1]})")
+    return options, _shorthands(overrides), flags
+
+
+def run_dir_and_name(overrides: list[str]) -> tuple[Path, str]:
+    """The run directory `rlcore train` will use (recipe defaults and interpolation applied), absolute, and the run's name."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="rlcore.conf", version_base=None):
+        cfg = compose(config_name="train", overrides=overrides)
+    return Path.cwd() / cfg.run_dir, cfg.name
+
+
+def sbatch_script(options: dict[str, str], overrides: list[str], run_dir: Path, name: str, written_by: str) -> str:
+    directives = {
+        "job-name": options.get("job_name", "rlcore-" + re.sub(r"[^\w.-]", "_", name)),
+        "nodes": options["nodes"],
+        "ntasks-per-node": "1",  # one Ray node per machine
+        "gpus-per-node": options["gpus_per_node"] if int(options["gpus_per_node"]) else None,
+        "cpus-per-task": options.get("cpus_per_node"),
+        "exclusive": None if "cpus_per_node" in options else "",  # whole nodes unless told otherwise
+        "mem": options.get("mem"),
+        "time": options.get("time"),
+        "partition": options.get("partition"),
+        "account": options.get("account"),
+        "chdir": str(Path.cwd()),  # where relative paths in the overrides were meant from
+        "output": str(run_dir / "slurm-%j.out"),
+    }
+    sbatch_lines = [f"#SBATCH --{k}" + (f"={_sbatch_quote(v)}" if v else "") for k, v in directives.items() if v is not None]
+    header = [
+        "#!/bin/bash",
+        *sbatch_lines,
+        "#",
+        f"# Written by: {written_by}",
+        "# Submit it (again, after editing if you like) with: sbatch FILE",
+        "# A Ray head starts on the first node and a Ray worker on each other node; once all",
+        "# have joined, `rlcore train` runs against that cluster; Ray stops when the job ends.",
+        "",
+        f"bin={shlex.quote(str(Path(sys.executable).parent))}  # the environment rlcore launch ran from",
+        f"gpus_per_node={int(options['gpus_per_node'])}",
+        f"ray_wait_s={RAY_WAIT_S}  # how long the Ray nodes may take to join",
+        f"train_args=({' '.join(shlex.quote(o) for o in overrides)})",
+        "",
+    ]
+    body = resources.files("rlcore").joinpath("templates/slurm.sbatch").read_text()
+    return "\n".join(header) + "\n" + body
+
+
+def _sbatch_quote(value: str) -> str:
+    """sbatch reads #SBATCH lines with its own tokenizer: double quotes keep a path with spaces whole."""
+    return f'"{value}"' if re.search(r"\s", value) else value
+
+
+def submit(script: Path, log_pattern: Path, wait: bool) -> int:
+    """sbatch the script; print the job id and its log; with --wait, the job's exit status."""
+    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), str(script)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # sbatch's errors go straight to stderr
+    job_id = proc.stdout.readline().strip().split(";")[0]  # "id" or "id;cluster", printed before --wait blocks
+    if job_id:
+        print(f"job: {job_id}\nlog: {str(log_pattern).replace('%j', job_id)}", flush=True)
+    try:
+        status = proc.wait()
+    except KeyboardInterrupt:
+        _fail(f"stopped waiting; job {job_id} goes on (scancel {job_id} stops it)")
+    if wait and job_id:
+        print(f"job {job_id} {'completed' if status == 0 else f'failed (exit status {status})'}")
+    return status
+
+
+def main(args: list[str]) -> None:
+    options, overrides, flags = parse(args)
+    _precheck("train", overrides)
+    directory, name = run_dir_and_name(overrides)
+    text = sbatch_script(options, overrides, directory, name, shlex.join(["rlcore", "launch", *args]))
+    if "--dry-run" in flags:
+        print(text, end="")
+        return
+    if shutil.which("sbatch") is None:
+        _fail("sbatch is not on PATH; run this where Slurm's commands are, or add --dry-run to print the script")
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "slurm.sbatch"
+    script.write_text(text)
+    print(f"script: {script}")
+    sys.exit(submit(script, directory / "slurm-%j.out", "--wait" in flags))

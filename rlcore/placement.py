@@ -1,0 +1,66 @@
+"""Where the actors run: Ray options for each rollout worker and each learner rank.
+
+Without GPUs, every actor asks for `cluster.cpus_per_actor` CPUs and Ray puts
+it anywhere (rollout and learners take turns, so they share cores).
+
+With GPUs, one placement group reserves all the GPUs a run needs at once (all
+or nothing: a half-placed job never holds GPUs while it waits for the rest):
+
+  split      a bundle of rollout.vllm.tensor_parallel_size GPUs per rollout
+             worker, then one GPU per learner rank; no GPU is shared.
+  colocated  one GPU per learner rank; rollout worker i shares learner rank
+             i's GPU (half of it each, as far as Ray counts). Memory is split by
+             rollout.vllm.gpu_memory_utilization, and vLLM sleeps during updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlcore.config import ConfigError
+
+
+@dataclass
+class Placement:
+    rollout: list[dict]  # ray.remote options, one per rollout worker
+    learner: list[dict]  # one per learner rank
+    group: object = None  # the Ray placement group holding the GPUs (None without GPUs)
+
+
+def plan_placement(cluster_cfg, rollout_workers: int, tensor_parallel: int, learner_ranks: int, timeout_s: float = 600) -> Placement:
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    cpus = cluster_cfg.cpus_per_actor
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not gpus:
+        return Placement([{"num_cpus": cpus}] * rollout_workers, [{"num_cpus": cpus}] * learner_ranks)
+
+    if cluster_cfg.placement == "split" or not learner_ranks:  # nothing to share with (rlcore eval)
+        bundles = [{"GPU": tensor_parallel, "CPU": cpus}] * rollout_workers + [{"GPU": 1, "CPU": cpus}] * learner_ranks
+        rollout_slots = [(i, tensor_parallel) for i in range(rollout_workers)]
+        learner_slots = [(rollout_workers + j, 1) for j in range(learner_ranks)]
+    else:
+        if tensor_parallel != 1 or rollout_workers > learner_ranks:
+            raise ConfigError(
+                "cluster.placement=colocated puts one rollout worker on a learner rank's GPU: it needs "
+                "rollout.vllm.tensor_parallel_size=1 and rollout.num_workers ≤ learner.num_ranks; or use cluster.placement=split"
+            )
+        bundles = [{"GPU": 1, "CPU": 2 * cpus}] * learner_ranks
+        rollout_slots = [(i, 0.5) for i in range(rollout_workers)]
+        learner_slots = [(j, 0.5) for j in range(learner_ranks)]
+    needed = sum(b["GPU"] for b in bundles)
+    if needed > gpus:
+        raise ConfigError(
+            f"cluster.placement={cluster_cfg.placement} needs {needed:g} GPUs (rollout workers × tensor parallel size "
+            f"+ learner ranks, or learner ranks when colocated); the Ray cluster has {gpus:g}"
+        )
+    group = placement_group(bundles, strategy="PACK")
+    ray.get(group.ready(), timeout=timeout_s)
+
+    def options(bundle: int, gpu_share: float) -> dict:
+        strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle)
+        return {"num_cpus": cpus, "num_gpus": gpu_share, "scheduling_strategy": strategy}
+
+    return Placement([options(*s) for s in rollout_slots], [options(*s) for s in learner_slots], group)

@@ -1,0 +1,152 @@
+"""`rlcore launch slurm`: the sbatch script it writes, run here under a stand-in Slurm and Ray
+(stub `srun`, `ray`, `rlcore` that record their calls), and its one-line errors."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RLCORE = [sys.executable, "-m", "rlcore.cli"]
+# Overrides a shell would mangle if the script quoted them wrong: a glob, a space, a `$`.
+TRICKY = ["reward.fns=[math,format]", "name='my run'", "logger.project=$HOME"]
+
+
+def launch(*args, cwd, env=None):
+    return subprocess.run([*RLCORE, "launch", "slurm", *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+
+
+def dry_run(*args, cwd) -> str:
+    result = launch(*args, "--dry-run", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def sbatch_options(script: str) -> list[str]:
+    return re.findall(r"^#SBATCH (\S.*)$", script, flags=re.M)
+
+
+def test_dry_run_sbatch_header_for_two_gpu_nodes(tmp_path):
+    script = dry_run("recipe=grpo_math", "nodes=2", "gpus_per_node=8", "partition=gpu", "time=04:00:00",
+                     "run_dir=out/r1", *TRICKY, cwd=tmp_path)
+    assert sbatch_options(script) == [
+        "--job-name=rlcore-my_run", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--exclusive",
+        "--time=04:00:00", "--partition=gpu", f"--chdir={tmp_path}", f"--output={tmp_path}/out/r1/slurm-%j.out",
+    ]
+    assert f"\nbin={Path(sys.executable).parent}  #" in script  # ray and rlcore from the launching environment
+    # The overrides reach `rlcore train` exactly as given, whatever the shell would make of them.
+    train_args = re.search(r"^train_args=.*$", script, flags=re.M).group(0)
+    echoed = subprocess.run(["bash", "-c", f'{train_args}; printf "%s\\n" "${{train_args[@]}}"'], capture_output=True, text=True)
+    assert echoed.stdout.splitlines() == ["recipe=grpo_math", "run_dir=out/r1", *TRICKY]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_cpu_share_instead_of_whole_nodes(tmp_path):
+    options = sbatch_options(dry_run("nodes=1", "gpus_per_node=0", "cpus_per_node=16", "mem=64G", cwd=tmp_path))
+    assert "--cpus-per-task=16" in options and "--mem=64G" in options
+    assert "--exclusive" not in options and not any(o.startswith("--gpus-per-node") for o in options)
+
+
+STUBS = {
+    # srun: record, drop its options, run the command (on "the other node"); or fail, as told.
+    "srun": 'echo "srun $*" >> "$CALLS"\n[ -z "$SRUN_FAILS" ] || { sleep 1; exit 1; }\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+    # ray start: record (a worker after a second), then stay up until SIGTERM.
+    # ray status: one active node per `ray start` so far.
+    "ray": (
+        'if [ "$1" = start ]; then\n'
+        '  trap \'echo "ray stopped: $*" >> "$CALLS"; exit 0\' TERM\n'
+        '  [[ "$*" != *--address=* ]] || sleep 1\n'
+        '  echo "ray $*" >> "$CALLS"\n'
+        "  for _ in $(seq 600); do sleep 0.1; done\n"  # at most a minute, should the script never stop it
+        "fi\n"
+        'echo Active:; grep "^ray start" "$CALLS" | sed "s/.*/ 1 node_x/"; echo Pending:\n'
+    ),
+    "rlcore": 'printf "rlcore arg: %s\\n" "$@" >> "$CALLS"\n',
+}
+
+
+def run_under_stub_slurm(script: str, tmp_path: Path, job_id: int, srun_fails: bool = False) -> tuple[int, str, list[str]]:
+    """Run the script as Slurm would on the first of 2 nodes with 4 CPUs: (exit status, stderr, the calls it made)."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    for name, body in STUBS.items():
+        (stubs / name).write_text("#!/bin/bash\n" + body)
+        (stubs / name).chmod(0o755)
+    calls = tmp_path / f"calls-{job_id}.log"
+    calls.touch()
+    path = tmp_path / "job.sbatch"
+    path.write_text(re.sub(r"^bin=.*$", f"bin={stubs}", script, flags=re.M))
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "CALLS": str(calls), "SLURM_JOB_ID": str(job_id),
+           "SLURM_JOB_NUM_NODES": "2", "SLURMD_NODENAME": "localhost", "SLURM_CPUS_ON_NODE": "4",
+           "SRUN_FAILS": "1" if srun_fails else ""}
+    result = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, env=env)
+    return result.returncode, result.stderr, calls.read_text().splitlines()
+
+
+def test_script_starts_head_and_worker_then_trains_then_stops_ray(tmp_path):
+    script = dry_run("recipe=grpo_math", "nodes=2", "gpus_per_node=8", *TRICKY, cwd=tmp_path)
+    status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=1234)
+    assert status == 0, stderr[-3000:]
+    port = 10000 + 1234 % 40 * 500
+
+    node = (f"ray start --block --disable-usage-stats --node-ip-address=127.0.0.1 --num-cpus=4 --num-gpus=8 "
+            f"--node-manager-port={port + 1} --object-manager-port={port + 2} --dashboard-agent-grpc-port={port + 3} "
+            f"--dashboard-agent-listen-port={port + 4} --metrics-export-port={port + 5} --runtime-env-agent-port={port + 6} "
+            f"--min-worker-port={port + 100} --max-worker-port={port + 499}")
+    head = f"{node} --head --port={port} --include-dashboard=false"
+    worker = f"{node} --address=127.0.0.1:{port}"
+    srun = "srun --nodes=1 --ntasks-per-node=1 --exclude=localhost --cpus-per-task=4 bash -c"
+    # Both nodes are up (the worker joins a second late) before training starts.
+    assert set(calls[:3]) == {head, f"{srun} ray_node --address=\"$0\" 127.0.0.1:{port}", worker}
+    train = [c.removeprefix("rlcore arg: ") for c in calls if c.startswith("rlcore arg: ")]
+    assert train == ["train", "recipe=grpo_math", *TRICKY, f"cluster.address=127.0.0.1:{port}", "cluster.num_cpus=4"]
+    # Ray is stopped after training, both nodes, by signal to this job's own processes.
+    last_train = max(i for i, c in enumerate(calls) if c.startswith("rlcore arg: "))
+    assert sorted(calls[last_train + 1:]) == sorted([f"ray stopped: {head.removeprefix('ray ')}", f"ray stopped: {worker.removeprefix('ray ')}"])
+
+
+def test_ports_follow_the_job_id(tmp_path):
+    """Two jobs sharing a node get different port blocks."""
+    script = dry_run("nodes=2", "gpus_per_node=0", cwd=tmp_path)
+    ports = []
+    for job_id in (41, 42):
+        status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id)
+        assert status == 0, stderr[-3000:]
+        ports.append(int(re.search(r"--head --port=(\d+)", "\n".join(calls)).group(1)))
+    assert ports == [10500, 11000]
+
+
+def test_a_node_that_fails_to_start_fails_the_job_before_training(tmp_path):
+    script = dry_run("nodes=2", "gpus_per_node=0", cwd=tmp_path)
+    status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=7, srun_fails=True)
+    assert status == 1
+    assert "rlcore: error: a Ray node exited during start-up" in stderr
+    assert not any(c.startswith("rlcore arg: ") for c in calls)
+    assert any(c.startswith("ray stopped: start") and "--head" in c for c in calls)  # the head is stopped too
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["gpus_per_node=0"], "nodes is missing; add nodes=N"),
+    (["nodes=2"], "gpus_per_node is missing; add gpus_per_node=N"),
+    (["nodes=0", "gpus_per_node=0"], "nodes=0 is not valid; nodes is a whole number of machines, at least 1"),
+    (["nodes=1", "gpus_per_node=0", "time=soon"], "time=soon is not valid; time is minutes, HH:MM:SS or D-HH:MM:SS"),
+    (["nodes=1", "gpus_per_node=0", "--nodes=2"], "--nodes=2 is not an option of rlcore launch slurm; use --dry-run or --wait"),
+    (["nodes=1", "gpus_per_node=0", "cluster.address=h:1"], "cluster.address is set by the launcher"),
+    (["nodes=1", "gpus_per_node=0", "trainer.stepz=3"], "trainer.stepz is not a setting; allowed under trainer: steps"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
+    result = launch(*args, "--dry-run", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("rlcore: error: ")
+    assert expected in result.stderr
+    assert result.stdout == ""
+
+
+def test_other_launcher_and_missing_sbatch_are_one_line(tmp_path):
+    result = subprocess.run([*RLCORE, "launch", "pbs", "nodes=1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "slurm is the only one" in result.stderr
+    no_slurm = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    result = launch("nodes=1", "gpus_per_node=0", cwd=tmp_path, env=no_slurm)
+    assert result.returncode == 2 and result.stderr.startswith("rlcore: error: sbatch is not on PATH"), result.stderr
