@@ -113,12 +113,14 @@ class Workload:
     max_new_tokens: int
     dtype: str
     rlcore_backend: str  # rollout config group for rlcore
+    micro_batch: int  # rows per forward/backward (both frameworks); gradients accumulate to one step
     description: dict
 
 
 WORKLOADS = {
-    "W1": Workload("W1", 64, "float32", "hf", {"type": "qwen2", **W1_ARCH, "init": f"random, seed {SEED}"}),
-    "W2": Workload("W2", 256, "bfloat16", "vllm", {"name": "SmolLM2-135M-Instruct", "path": "zoo:smollm2-135m-instruct"}),
+    "W1": Workload("W1", 64, "float32", "hf", 64, {"type": "qwen2", **W1_ARCH, "init": f"random, seed {SEED}"}),
+    # 64 rows × ~300 tokens × a 49k vocabulary is ~4 GB of logits per copy: W2 goes 8 rows at a time.
+    "W2": Workload("W2", 256, "bfloat16", "vllm", 8, {"name": "SmolLM2-135M-Instruct", "path": "zoo:smollm2-135m-instruct"}),
 }
 
 
@@ -150,7 +152,7 @@ def rlcore_overrides(workload: Workload, model_dir: Path, run_dir: Path, steps: 
         f"rollout.temperature={TEMPERATURE}",
         f"learner.lr={LR}",
         "learner.lr_schedule=constant",
-        f"learner.micro_batch_size={PROMPTS_PER_STEP * SAMPLES_PER_PROMPT}",
+        f"learner.micro_batch_size={workload.micro_batch}",
         "reward.fns=[math]",
         f"cluster.threads_per_actor={threads}",
         "logger.wandb=false",
@@ -282,8 +284,9 @@ def run_trl(workload: Workload, model_dir: Path, rows: list[dict], steps: int, o
         bf16=workload.dtype == "bfloat16",
         use_vllm=False,
         num_generations=SAMPLES_PER_PROMPT,
-        per_device_train_batch_size=PROMPTS_PER_STEP * SAMPLES_PER_PROMPT,  # completions per optimizer step
-        gradient_accumulation_steps=1,  # → steps_per_generation=1, generation_batch_size=64: 8 prompts × 8
+        per_device_train_batch_size=workload.micro_batch,
+        # → one optimizer step per 64 completions, generated together (generation_batch_size = 8 prompts × 8)
+        gradient_accumulation_steps=PROMPTS_PER_STEP * SAMPLES_PER_PROMPT // workload.micro_batch,
         max_completion_length=workload.max_new_tokens,
         temperature=TEMPERATURE,
         beta=0.0,

@@ -48,6 +48,9 @@ class VLLMRolloutEngine(RolloutEngine):
         """`cfg`: rollout.vllm (rlcore.config.VLLMConfig). `sleeps`: free GPU memory during updates
         (colocated placement)."""
         on_gpu = torch.cuda.is_available()
+        if cfg.tensor_parallel_size == 1:
+            # The engine loop in this process too: weight syncs and calls skip two process hops.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.cpu_kv_cache_gib:g}")
         from vllm import LLM
@@ -59,7 +62,8 @@ class VLLMRolloutEngine(RolloutEngine):
             dtype=dtype,
             seed=seed,
             tensor_parallel_size=cfg.tensor_parallel_size,
-            distributed_executor_backend="mp",  # its workers stay with this actor's GPUs, not Ray's pool
+            # One worker: in this process. Several (tensor parallel): processes on this actor's GPUs, not Ray's pool.
+            distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else "uni",
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=max_model_len,
             enforce_eager=cfg.enforce_eager or not on_gpu,
