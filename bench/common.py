@@ -23,6 +23,16 @@ def machine() -> dict:
     }
 
 
+def train_config(overrides: list[str]):
+    """The composed `rlcore train` config for these overrides (recipes included), as the CLI
+    would build it."""
+    import rlcore.cli  # noqa: F401  (registers the config schemas and recipes with Hydra)
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="rlcore.conf", version_base=None):
+        return compose(config_name="train", overrides=overrides)
+
+
 def write_result(result: dict, out: Path) -> None:
     """The JSON file, then its one-line form as the last line printed."""
     out.parent.mkdir(parents=True, exist_ok=True)

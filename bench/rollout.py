@@ -25,20 +25,16 @@ from pathlib import Path
 
 import torch
 
-from common import machine, write_result
+from common import machine, train_config, write_result
 
 HERE = Path(__file__).resolve().parent
 
 
 def prompts(model_path: str, count: int) -> list[list[int]]:
-    import rlcore.cli  # noqa: F401  (registers the config schemas with Hydra)
-    from hydra import compose, initialize_config_module
-
     from rlcore.data import load_splits
     from rlcore.models import load_tokenizer
 
-    with initialize_config_module(config_module="rlcore.conf", version_base=None):
-        cfg = compose(config_name="train", overrides=["recipe=opo_math", f"model.path={model_path}", f"data.train_size={count}"])
+    cfg = train_config(["recipe=opo_math", f"model.path={model_path}", f"data.train_size={count}"])
     train_set, _ = load_splits(cfg.data, load_tokenizer(model_path))
     return [p.token_ids for p in train_set[:count]]
 

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from common import write_result
+from common import train_config, write_result
 
 HERE = Path(__file__).resolve().parent
 PROMPTS_PER_STEP = 8
@@ -162,14 +162,10 @@ def rlcore_overrides(workload: Workload, model_dir: Path, run_dir: Path, steps: 
 
 def rlcore_step_prompts(overrides: list[str], steps: int) -> list[dict]:
     """The prompts rlcore's trainer takes at steps 1..steps, in order, as {"question", "answer"} rows."""
-    import rlcore.cli  # noqa: F401  (registers the config schemas and recipes with Hydra)
-    from hydra import compose, initialize_config_module
-
     from rlcore.data import PromptSampler, load_splits
     from rlcore.models import load_tokenizer
 
-    with initialize_config_module(config_module="rlcore.conf", version_base=None):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = train_config(overrides)
     train_set, _ = load_splits(cfg.data, load_tokenizer(cfg.model.path))
     sampler = PromptSampler(len(train_set), cfg.trainer.seed)
     picked = [train_set[i] for _ in range(steps) for i in sampler.take(cfg.trainer.prompts_per_step)]

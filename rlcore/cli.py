@@ -69,6 +69,10 @@ def _task(command: str):
                 from rlcore.trainer import train
 
                 summary = train(cfg)
+            elif command == "sft" and cfg.sparse_distill is not None:
+                from rlcore.sparse.distill import distill_gates
+
+                summary = distill_gates(cfg)
             elif command == "sft":
                 from rlcore.sft import sft
 

@@ -68,6 +68,30 @@ class VLLMConfig:
 
 
 @dataclass
+class SparseConfig:
+    """Block-sparse decode attention for rollouts (rollout.backend=hf; rlcore.sparse).
+
+    The learner always scores densely, so `rollout/logp_mismatch_*` shows what sparsity costs.
+    """
+
+    # `none`: dense. `resa`: ReSA key min/max selection + dense rectification (SPEC §8).
+    # `seer`: SeerAttention-R gates (SPEC §7), trained by `rlcore sft recipe=seer_gate_distill`.
+    method: str = "none"
+    block_size: int = 16
+    # resa: keep ceil(keep_ratio × blocks), at least min_blocks (SPEC: 0.1 and 16).
+    keep_ratio: float = 0.1
+    min_blocks: int = 16
+    # resa: re-run every f generated tokens densely, overwriting their K/V (SPEC: 32); 0 = never.
+    rectify_every: int = 32
+    # seer: keep the top budget_tokens / block_size blocks, or (threshold > 0) every block whose
+    # gate probability exceeds threshold (SPEC: 2e-3..6e-3). The newest block is always kept.
+    budget_tokens: int = 256
+    threshold: float = 0.0
+    # seer: gate weights; empty = seer_gates.safetensors beside the model.
+    gate_path: str = ""
+
+
+@dataclass
 class RolloutConfig:
     # `hf`: transformers generate. `vllm`: vLLM engines (the CPU build on CPU machines).
     backend: str = "hf"
@@ -77,6 +101,7 @@ class RolloutConfig:
     top_p: float = 1.0
     eval_max_new_tokens: int = 64
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
 
 
 @dataclass
@@ -210,11 +235,33 @@ class SFTSettings:
 
 
 @dataclass
+class SeerDistillSettings:
+    """SeerAttention-R gate distillation (rlcore/sparse/distill.py, SPEC §7)."""
+
+    block_size: int = 64
+    d_gate: int = 128
+    # Packed task texts per sequence: a multiple of block_size, at most the model's positions.
+    seq_len: int = 512
+    batch_size: int = 4
+    steps: int = 200
+    lr: float = 1e-3
+    min_lr: float = 1e-5  # cosine from lr to min_lr
+    # Held-out block recall: sequences, and the token budget (budget // block_size blocks).
+    eval_sequences: int = 8
+    eval_budget_tokens: int = 256
+    # Gate file: `auto` = seer_gates.safetensors beside the model if writable, else in the run dir.
+    output: str = "auto"
+
+
+@dataclass
 class SFTConfig(RunConfig):
     name: str = "sft"
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sft: SFTSettings = field(default_factory=SFTSettings)
+    # Set (recipe seer_gate_distill): train SeerAttention-R gates for the frozen model instead
+    # of fine-tuning it, with the same model/data/logger settings.
+    sparse_distill: Optional[SeerDistillSettings] = None
     seed: int = 0
 
 
@@ -263,6 +310,7 @@ def validate_common(cfg) -> None:
     check_choice("rollout.backend", cfg.rollout.backend, ["hf", "vllm"])
     if cfg.rollout.backend == "vllm":
         validate_vllm(cfg)
+    validate_sparse(cfg)
     check_positive("rollout.num_workers", cfg.rollout.num_workers)
     check_positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     check_positive("rollout.temperature", cfg.rollout.temperature, zero_ok=True)
@@ -296,6 +344,31 @@ def validate_vllm(cfg) -> None:
             f"rollout.vllm.max_model_len={v.max_model_len} is shorter than data.max_prompt_tokens + the longest "
             f"generation = {longest}; raise it or set 0 (automatic)"
         )
+
+
+def validate_sparse(cfg) -> None:
+    sp = cfg.rollout.sparse
+    check_choice("rollout.sparse.method", sp.method, ["none", "resa", "seer"])
+    if sp.method == "none":
+        return
+    if cfg.rollout.backend != "hf":
+        raise ConfigError(f"rollout.sparse.method={sp.method} runs in the transformers backend; set rollout.backend=hf")
+    check_positive("rollout.sparse.block_size", sp.block_size)
+    if not 0 < sp.keep_ratio <= 1:
+        raise ConfigError(f"rollout.sparse.keep_ratio={sp.keep_ratio} must be in (0, 1]")
+    check_positive("rollout.sparse.min_blocks", sp.min_blocks)
+    check_positive("rollout.sparse.rectify_every", sp.rectify_every, zero_ok=True)
+    check_positive("rollout.sparse.budget_tokens", sp.budget_tokens)
+    check_positive("rollout.sparse.threshold", sp.threshold, zero_ok=True)
+    if sp.method == "seer":
+        from rlcore.sparse.attention import gate_file
+
+        if not gate_file(sp, cfg.model.path).exists():
+            raise ConfigError(f"rollout.sparse.method=seer: no gate file at {gate_file(sp, cfg.model.path)}; train one with "
+                              f"`rlcore sft recipe=seer_gate_distill model.path=...` or set rollout.sparse.gate_path")
+    if sp.method == "seer" and sp.budget_tokens < sp.block_size and not sp.threshold:
+        raise ConfigError(f"rollout.sparse.budget_tokens={sp.budget_tokens} is less than one block "
+                          f"(rollout.sparse.block_size={sp.block_size}); raise it")
 
 
 def longest_request(cfg) -> int:

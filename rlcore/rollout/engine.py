@@ -22,6 +22,15 @@ class Completion:
     finish_reason: str  # "stop" or "length"
 
 
+def completions(ids: list[list[int]], logprobs: list[list[float]], eos_ids: set[int]) -> list[Completion]:
+    """Generated rows → Completions cut after their first EOS ("stop"), else "length"."""
+    out = []
+    for row, lps in zip(ids, logprobs):
+        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), None)
+        out.append(Completion(row[: end or len(row)], lps[: end or len(row)], "stop" if end else "length"))
+    return out
+
+
 class RolloutEngine:
     """Generates completions for token-id prompts; takes new weights; frees memory when asked."""
 

@@ -18,7 +18,7 @@ def make_engine(rollout_cfg, model_path: str, dtype: str, max_model_len: int, co
     if rollout_cfg.backend == "hf":
         from rlcore.rollout.hf import HFRolloutEngine
 
-        return HFRolloutEngine(model_path, dtype)
+        return HFRolloutEngine(model_path, dtype, rollout_cfg.sparse)
     if rollout_cfg.backend == "vllm":
         from rlcore.rollout.vllm import VLLMRolloutEngine
 

@@ -27,6 +27,7 @@ def rlcore(*args, timeout=600, **kw):
     ("recipe=no_such_recipe", "no_such_recipe"),
     ("learner.zero_stage=5", "learner.zero_stage=5 is not allowed; choose one of: 0, 1, 2, 3"),
     ("algorithm.mini_batches=2", "OPO is exactly on-policy"),
+    ("rollout.sparse.method=dense", "rollout.sparse.method='dense' is not allowed; choose one of: none, resa, seer"),
 ])
 def test_bad_override_is_one_line_and_exit_2(override, expected):
     recipe = [] if override.startswith("recipe=") else ["recipe=opo_math"]
@@ -91,6 +92,25 @@ def test_vllm_backend_trains_and_stays_in_sync(tiny_model, tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["grad_norm"] > 0 for r in steps)
     assert all(r["rollout/logp_mismatch_max"] < 1e-3 and r["rollout/gen_kl_error"] < 1e-6 for r in steps), steps
+
+
+def test_sparse_rollouts_train_and_show_their_cost_as_mismatch(tiny_model, tmp_path):
+    """rollout.sparse.method=resa with few kept blocks: the engine samples from sparse attention,
+    the learner scores densely, so the per-step log-prob mismatch is well above the dense
+    run's ~1e-6 (it would be ~0 if the setting did not reach the rollout engine)."""
+    run_dir = tmp_path / "run"
+    reward = "user_rewards:varies_with_text"
+    result = rlcore(*train_args(tiny_model, run_dir, "trainer.steps=2", "trainer.eval_before=false", "rollout.max_new_tokens=24",
+                                "rollout.sparse.method=resa", "rollout.sparse.block_size=2", "rollout.sparse.keep_ratio=0.25",
+                                "rollout.sparse.min_blocks=1", "rollout.sparse.rectify_every=8",
+                                f"reward.fns=[{reward}]", f"reward.accuracy={reward}"),
+                    env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"time/step"' in line]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["rollout/logp_mismatch_mean"] > 1e-3 and r["grad_norm"] > 0 for r in steps), [
+        (r["rollout/logp_mismatch_mean"], r["grad_norm"]) for r in steps]
+    assert "eval/accuracy_after" in json.loads((run_dir / "summary.json").read_text())
 
 
 def test_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
@@ -184,3 +204,27 @@ def test_sft_from_scratch_trains_and_saves_a_loadable_model(tmp_path):
 
     model, tokenizer = load_model(str(run_dir / "final")), load_tokenizer(str(run_dir / "final"))
     assert model.config.hidden_size == 32 and "</think>" in tokenizer.get_vocab()
+
+
+def test_seer_gate_distill_trains_gates_and_writes_them(tmp_path):
+    """`rlcore sft recipe=seer_gate_distill`: the gate loss falls, the gate file loads into a
+    sparse rollout engine, and the block recall is reported next to the recency baseline."""
+    gates = tmp_path / "gates.safetensors"
+    result = rlcore("sft", "recipe=seer_gate_distill", f"run_dir={tmp_path / 'run'}", "logger.wandb=false",
+                    "logger.progress=false", "sparse_distill.steps=30", "sparse_distill.eval_sequences=2",
+                    f"sparse_distill.output={gates}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["loss_last"] < summary["loss_first"]
+    assert set(summary["block_recall"]) == {"gate", "recency", "oracle", "gate_untrained"}
+
+    from omegaconf import OmegaConf
+
+    from rlcore.config import SparseConfig
+    from rlcore.rollout.engine import SamplingParams
+    from rlcore.rollout.hf import HFRolloutEngine
+
+    sparse = OmegaConf.structured(SparseConfig(method="seer", budget_tokens=32, gate_path=str(gates)))
+    engine = HFRolloutEngine("embedded:arith-3m", sparse=sparse)
+    (completion,), = engine.generate([list(range(3, 80))], SamplingParams(n=1, max_new_tokens=20, temperature=0))
+    assert completion.token_ids and engine.sparse.density < 1.0

@@ -1,0 +1,100 @@
+"""Held-out accuracy with sparse rollouts vs dense: what block-sparse decoding costs in answers.
+
+What is measured
+    The transformers rollout engine (rlcore.rollout.hf) decodes the task's held-out prompts
+    greedily (as `rlcore eval` does), once densely and once per sparse setting given, in this
+    process; the task's reward scores the answers. Also reported per setting: the share of
+    (row, KV head, key) triples the sparse decode steps attended to (density), and the
+    wall time.
+
+Output
+    A table, and bench/results/sparse_accuracy_<model>.json whose one-line form is the last
+    line printed; `ratio` = accuracy of the first sparse setting / dense accuracy, and
+    `points` = their difference ×100 (goal: within 2 points).
+
+    python bench/sparse_accuracy.py                                  # ReSA on arith-3m
+    python bench/sparse_accuracy.py --setting method=resa,block_size=4,keep_ratio=0.5,min_blocks=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import machine, train_config, write_result
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_SETTING = "method=resa,block_size=4,keep_ratio=0.5,min_blocks=4,rectify_every=8"
+
+
+def parse_setting(text: str):
+    from omegaconf import OmegaConf
+
+    from rlcore.config import SparseConfig
+
+    values = dict(kv.split("=", 1) for kv in text.split(","))
+    return OmegaConf.merge(OmegaConf.structured(SparseConfig), OmegaConf.from_dotlist([f"{k}={v}" for k, v in values.items()]))
+
+
+def accuracy(cfg, sparse, eval_set, rewards) -> dict:
+    from rlcore.batch import Trajectory
+    from rlcore.models import resolve_model_path
+    from rlcore.rollout.engine import SamplingParams
+    from rlcore.rollout.hf import HFRolloutEngine
+
+    engine = HFRolloutEngine(resolve_model_path(cfg.model.path), cfg.model.dtype, sparse)
+    greedy = SamplingParams(n=1, max_new_tokens=cfg.rollout.eval_max_new_tokens, temperature=0.0)
+    started = time.perf_counter()
+    groups = engine.generate([p.token_ids for p in eval_set], greedy)
+    seconds = time.perf_counter() - started
+    trajectories = [
+        Trajectory(p, c.token_ids, c.logprobs, engine.decode(c.token_ids), c.finish_reason, group_id=i)
+        for i, (p, (c,)) in enumerate(zip(eval_set, groups))
+    ]
+    return {
+        "accuracy": rewards.score(trajectories)["accuracy"],
+        "density": engine.sparse.density if engine.sparse else 1.0,
+        "seconds": round(seconds, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded:arith-3m")
+    parser.add_argument("--setting", action="append", help=f"rollout.sparse keys, comma-separated (default {DEFAULT_SETTING})")
+    parser.add_argument("--eval-size", type=int, default=250)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    from rlcore.data import load_splits
+    from rlcore.models import load_tokenizer
+    from rlcore.reward import RewardRunner
+
+    cfg = train_config(["recipe=opo_math", f"model.path={args.model}", f"data.eval_size={args.eval_size}"])
+    _, eval_set = load_splits(cfg.data, load_tokenizer(cfg.model.path))
+    settings = args.setting or [DEFAULT_SETTING]
+    rows = {}
+    with RewardRunner(cfg.reward) as rewards:
+        rows["dense"] = accuracy(cfg, None, eval_set, rewards)
+        for text in settings:
+            rows[text] = accuracy(cfg, parse_setting(text), eval_set, rewards)
+    print(f"{'setting':<70} {'accuracy':>8} {'density':>8} {'s':>6}")
+    for name, r in rows.items():
+        print(f"{name:<70} {r['accuracy']:>8.3f} {r['density']:>8.3f} {r['seconds']:>6}")
+    dense, first = rows["dense"]["accuracy"], rows[settings[0]]["accuracy"]
+    result = {
+        "benchmark": "sparse_accuracy",
+        "model": args.model,
+        "eval_prompts": len(eval_set),
+        "settings": rows,
+        "points": round(100 * (first - dense), 1),
+        "ratio": round(first / dense, 3) if dense else None,
+        "machine": machine(),
+    }
+    slug = args.model.split(":")[-1].replace("/", "_")
+    write_result(result, args.out or HERE / "results" / f"sparse_accuracy_{slug}.json")
+
+
+if __name__ == "__main__":
+    main()

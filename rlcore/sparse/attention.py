@@ -1,0 +1,114 @@
+"""Block-sparse decoding inside a transformers model, as an attention implementation.
+
+transformers looks attention functions up by name (`config._attn_implementation`) in its
+AttentionInterface; we register "rlcore_sparse" there and switch a model to it with
+`install`. The function is SDPA (with SDPA's causal masks) for every forward of more than one
+query token — prefill, and ReSA's dense rectification — and for decode steps made while the
+model is held `dense()`. A single-token decode step asks the model's selector for blocks and
+runs `block_sparse_decode` over them. Models, caches and samplers stay transformers' own.
+
+Sparse decoding assumes cache position = token position, i.e. no left padding: the sparse
+rollout loop (rlcore.sparse.generate) batches only prompts of one length for that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from rlcore.sparse.decode import block_sparse_decode
+from rlcore.sparse.selection import BlockSelector
+
+NAME = "rlcore_sparse"
+
+
+@dataclass
+class SparseDecoding:
+    """What one model's sparse decode steps use, plus counters for the kept share of keys."""
+
+    selector: BlockSelector
+    dense: bool = False  # True: every step dense (prefill, rectification, a dense baseline)
+    kept_keys: int = field(default=0, repr=False)
+    total_keys: int = field(default=0, repr=False)
+
+    @property
+    def density(self) -> float:
+        """Share of the (row, KV head, key) triples that sparse steps attended to so far."""
+        return self.kept_keys / self.total_keys if self.total_keys else 1.0
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    state: SparseDecoding | None = getattr(module, "rlcore_sparse", None)
+    if state is None or state.dense or query.shape[2] != 1:
+        if attention_mask is not None and query.device.type == "cpu" and key.shape[1] != query.shape[1]:
+            return masked_gqa_sdpa(query, key, value, attention_mask, scaling)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    kv_len = key.shape[2]
+    table = state.selector.select(module.layer_idx, query[:, :, 0], key, kv_len)
+    out = block_sparse_decode(query[:, :, 0], key, value, table, kv_len, state.selector.block_size, scale=scaling)
+    bs = state.selector.block_size
+    kept = ((table >= 0).sum(-1) * bs).clamp(max=kv_len)  # the newest block may be partial: ≤ kv_len
+    state.kept_keys += int(kept.sum())
+    state.total_keys += kv_len * table.shape[0] * table.shape[1]
+    return out.unsqueeze(1), None  # transformers expects [B, T, H_q, D]
+
+
+def masked_gqa_sdpa(query, key, value, attention_mask, scaling):
+    """SDPA under a mask with each KV head shared by its query heads (enable_gqa). transformers
+    repeats K/V for masked GQA calls (CUDA's fused kernels need that); on CPU that is a copy of
+    the whole cache per layer, most of the cost of a rectification forward at long context."""
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, sparse_attention_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def install(model, selector: BlockSelector) -> SparseDecoding:
+    """Switch `model` to sparse decode steps with `selector`; returns the shared state."""
+    state = SparseDecoding(selector)
+    for layer in model.model.layers:
+        layer.self_attn.rlcore_sparse = state
+    model.set_attn_implementation(NAME)
+    return state
+
+
+def install_from_config(model, cfg, model_path: str) -> SparseDecoding:
+    """`install` with the selector that rollout.sparse (rlcore.config.SparseConfig) describes."""
+    if cfg.method == "resa":
+        from rlcore.sparse.resa import ReSASelector
+
+        return install(model, ReSASelector(cfg.block_size, cfg.keep_ratio, cfg.min_blocks))
+    from rlcore.sparse.seer import SeerSelector, load_gates
+
+    gate_path = gate_file(cfg, model_path)
+    budget = None if cfg.threshold else cfg.budget_tokens // cfg.block_size
+    selector = SeerSelector(load_gates(model, gate_path), model.model.rotary_emb, cfg.block_size,
+                            budget_blocks=budget, threshold=cfg.threshold or None)
+    return install(model, selector)
+
+
+def gate_file(cfg, model_path: str) -> Path:
+    """rollout.sparse.gate_path, or seer_gates.safetensors beside the model (where
+    `rlcore sft recipe=seer_gate_distill` writes it)."""
+    from rlcore.models import resolve_model_path
+
+    return Path(cfg.gate_path) if cfg.gate_path else Path(resolve_model_path(model_path)) / "seer_gates.safetensors"
+
+
+@contextlib.contextmanager
+def dense(state: SparseDecoding):
+    """Decode densely inside the block (dense rectification; the dense baseline of benches)."""
+    before, state.dense = state.dense, True
+    try:
+        yield
+    finally:
+        state.dense = before
