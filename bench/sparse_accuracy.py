@@ -4,8 +4,10 @@ What is measured
     The transformers rollout engine (rlcore.rollout.hf) decodes the task's held-out prompts
     greedily (as `rlcore eval` does), once densely and once per sparse setting given, in this
     process; the task's reward scores the answers. Also reported per setting: the share of
-    (row, KV head, key) triples the sparse decode steps attended to (density), and the
-    wall time.
+    (row, KV head, key) triples the sparse decode steps attended to (density), the wall
+    time, and what a trainer would log as rollout/logp_mismatch_mean and
+    rollout/gen_kl_error: the engine's log-probs of its own tokens against a dense scoring
+    of the same sequences (the learner's numbers).
 
 Output
     A table, and bench/results/sparse_accuracy_<model>.json whose one-line form is the last
@@ -38,10 +40,11 @@ def parse_setting(text: str):
 
 
 def accuracy(cfg, sparse, eval_set, rewards) -> dict:
-    from rlcore.batch import Trajectory
+    from rlcore.batch import Trajectory, build_batch
     from rlcore.models import resolve_model_path
     from rlcore.rollout.engine import SamplingParams
     from rlcore.rollout.hf import HFRolloutEngine
+    from rlcore.trainer import response_metrics
 
     engine = HFRolloutEngine(resolve_model_path(cfg.model.path), cfg.model.dtype, sparse)
     greedy = SamplingParams(n=1, max_new_tokens=cfg.rollout.eval_max_new_tokens, temperature=0.0)
@@ -52,9 +55,14 @@ def accuracy(cfg, sparse, eval_set, rewards) -> dict:
         Trajectory(p, c.token_ids, c.logprobs, engine.decode(c.token_ids), c.finish_reason, group_id=i)
         for i, (p, (c,)) in enumerate(zip(eval_set, groups))
     ]
+    batch = build_batch(trajectories, engine.tokenizer.pad_token_id)
+    batch["old_logp"] = engine.score(batch, 1.0)  # always dense
+    mismatch = response_metrics(batch, trajectories)
     return {
         "accuracy": rewards.score(trajectories)["accuracy"],
         "density": engine.sparse.density if engine.sparse else 1.0,
+        "logp_mismatch_mean": round(mismatch["rollout/logp_mismatch_mean"], 5),
+        "gen_kl_error": round(mismatch["rollout/gen_kl_error"], 5),
         "seconds": round(seconds, 1),
     }
 
@@ -79,9 +87,10 @@ def main() -> None:
         rows["dense"] = accuracy(cfg, None, eval_set, rewards)
         for text in settings:
             rows[text] = accuracy(cfg, parse_setting(text), eval_set, rewards)
-    print(f"{'setting':<70} {'accuracy':>8} {'density':>8} {'s':>6}")
+    print(f"{'setting':<52} {'accuracy':>8} {'density':>8} {'mismatch':>8} {'kl':>8} {'s':>6}")
     for name, r in rows.items():
-        print(f"{name:<70} {r['accuracy']:>8.3f} {r['density']:>8.3f} {r['seconds']:>6}")
+        print(f"{name:<52} {r['accuracy']:>8.3f} {r['density']:>8.3f} {r['logp_mismatch_mean']:>8.4f} "
+              f"{r['gen_kl_error']:>8.4f} {r['seconds']:>6}")
     dense, first = rows["dense"]["accuracy"], rows[settings[0]]["accuracy"]
     result = {
         "benchmark": "sparse_accuracy",
