@@ -7,12 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlcore.algorithm import Algorithm, expand_to_tokens, register_algorithm
-
-
-def group_sums(values: Tensor, group_ids: Tensor, num_groups: int) -> Tensor:
-    """Σ of `values` within each group, as a [num_groups] tensor."""
-    return torch.zeros(num_groups, dtype=values.dtype).index_add_(0, group_ids, values)
+from rlcore.algorithm import Algorithm, expand_to_tokens, group_sums, register_algorithm
 
 
 def grpo_advantages(rewards: Tensor, group_ids: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from rlcore.algorithm import Algorithm, LossNorm, expand_to_tokens, register_algorithm
-from rlcore.algorithms.grpo import group_sums
+from rlcore.algorithm import Algorithm, LossNorm, expand_to_tokens, group_sums, register_algorithm
 from rlcore.config import ConfigError, check_choice
 
 

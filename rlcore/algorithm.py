@@ -72,8 +72,35 @@ def ppo_clip(logp: Tensor, old_logp: Tensor, advantages: Tensor, eps_low: float,
     return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
 
 
+def truncated_is_weights(old_logp: Tensor, rollout_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling for the rollout/learner mismatch: per token
+    min(π_old / π_rollout, cap), no gradient. π_old is the learner's probability under the
+    weights that generated the batch, π_rollout the engine's (vLLM, sparse decoding) for the
+    same token; they differ by numerics, so the batch is slightly off-policy for the learner."""
+    return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_row_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """[B, R] → [B]: each row's mean over its masked tokens (0 for a row with none)."""
+    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def group_sums(values: Tensor, group_ids: Tensor, num_groups: int) -> Tensor:
+    """Σ of `values` within each group, as a [num_groups] tensor."""
+    return torch.zeros(num_groups, dtype=values.dtype).index_add_(0, group_ids, values)
+
+
+def equal_reward_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """[B] bool: True for every sample whose group's rewards are all equal (no learning signal
+    under a group baseline). DAPO's dynamic sampling drops these groups."""
+    num_groups = int(group_ids.max()) + 1
+    high = torch.full((num_groups,), -torch.inf, dtype=rewards.dtype).scatter_reduce(0, group_ids, rewards, "amax")
+    low = torch.full((num_groups,), torch.inf, dtype=rewards.dtype).scatter_reduce(0, group_ids, rewards, "amin")
+    return (high == low)[group_ids]
 
 
 def expand_to_tokens(per_sample: Tensor, mask: Tensor) -> Tensor:
@@ -92,6 +119,12 @@ class Algorithm:
     clip_eps / clip_eps_high: PPO clip range [1-clip_eps, 1+clip_eps_high] (high defaults to clip_eps).
     loss_agg: one of LOSS_AGGREGATIONS.
     kl_coef / kl_estimator: β·KL(π‖π_ref) added to the loss; kl_coef 0 loads no reference model.
+    truncated_is / tis_cap: multiply the policy loss per token by min(π_old/π_rollout, tis_cap)
+      (truncated_is_weights), correcting the rollout engine/learner mismatch; any algorithm.
+
+    `policy_loss()` is the per-token policy-gradient term (PPO-clip here; GSPO overrides it);
+    `loss()` adds truncated IS, the KL term and the aggregation around it.
+    Dynamic sampling (DAPO) is asked of the loop through `sampling_rounds` (1 = off).
     """
 
     samples_per_prompt: int = 8
@@ -102,6 +135,8 @@ class Algorithm:
     loss_agg: str = "token-mean"
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    truncated_is: bool = False
+    tis_cap: float = 2.0
 
     name: ClassVar[str] = ""
     # Which rollout program produces its trajectories (rlcore.rollout.programs).
@@ -115,24 +150,46 @@ class Algorithm:
                 raise ConfigError(f"algorithm.{key}={getattr(self, key)} must be ≥ 1")
         if self.kl_coef < 0:
             raise ConfigError(f"algorithm.kl_coef={self.kl_coef} must be ≥ 0")
+        if self.tis_cap <= 0:
+            raise ConfigError(f"algorithm.tis_cap={self.tis_cap} must be > 0")
 
     @property
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
 
+    @property
+    def sampling_rounds(self) -> int:
+        """Most generation rounds per step; > 1 asks the loop for dynamic sampling (DAPO): drop
+        groups with all-equal rewards and sample more prompts to refill the batch."""
+        return 1
+
     def advantages(self, batch) -> Tensor:
         """[B, R] per-token advantages from batch["rewards"], ["group_ids"], ["response_mask"]."""
         raise NotImplementedError
 
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(ε_low, ε_high): the ratio is clipped to [1 − ε_low, 1 + ε_high]."""
+        return self.clip_eps, self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+    def policy_loss(self, logp: Tensor, batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-token policy-gradient loss [B, R], importance ratio and clipped flags (both
+        [B, R]). Token-level PPO-clip on batch["advantages"]."""
+        return ppo_clip(logp, batch["old_logp"], batch["advantages"], *self.clip_range)
+
     def loss(self, logp: Tensor, batch, norm: LossNorm) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch["response_mask"]
-        eps_high = self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
-        per_token, ratio, clipped = ppo_clip(logp, batch["old_logp"], batch["advantages"], self.clip_eps, eps_high)
+        per_token, ratio, clipped = self.policy_loss(logp, batch)
         metrics = {
             "clip_frac": masked_mean(clipped.float(), mask),
             "ratio_max_dev": ((ratio - 1).abs() * mask).max(),
             "approx_kl_old": masked_mean(kl_estimate(logp, batch["old_logp"], "k3"), mask),
         }
+        if self.truncated_is:
+            weights = truncated_is_weights(batch["old_logp"], batch["rollout_logp"], self.tis_cap)
+            per_token = per_token * weights
+            metrics["tis_weight"] = masked_mean(weights, mask)
+            metrics["tis_capped_frac"] = masked_mean((weights >= self.tis_cap).float(), mask)
         if self.needs_reference:
             kl = kl_estimate(logp, batch["ref_logp"], self.kl_estimator)
             per_token = per_token + self.kl_coef * kl

@@ -12,12 +12,12 @@ import json
 import shutil
 import time
 from pathlib import Path
-
 from omegaconf import OmegaConf
 
 from rlcore.algorithm import build_algorithm
-from rlcore.batch import build_batch
+from rlcore.batch import Trajectory, build_batch
 from rlcore.checkpoint import Checkpointer
+from rlcore.dynamic_sampling import refill_groups
 from rlcore.cluster import ray_session, thread_counts
 from rlcore.config import ConfigError, longest_request, validate_train
 from rlcore.data import PromptSampler, load_splits
@@ -64,10 +64,16 @@ def train(cfg) -> dict:
         for step in range(state["step"] + 1, steps + 1):
             timer = StepTimer()
             prompts = [train_set[i] for i in sampler.take(cfg.trainer.prompts_per_step)]
-            with timer("generate"):
-                trajectories = rollout.generate(prompts, algorithm.program, dataclasses.replace(sampling, seed=cfg.trainer.seed * 100_003 + step))
-            with timer("reward"):
-                metrics = rewards.score(trajectories)
+            seed = cfg.trainer.seed * 100_003 + step
+            trajectories, metrics = generate_and_score(rollout, rewards, algorithm.program, dataclasses.replace(sampling, seed=seed), prompts, timer)
+            if algorithm.sampling_rounds > 1:  # dynamic sampling (DAPO): refill dropped groups
+                def sample_more(n: int, round_: int) -> list[Trajectory]:
+                    more = [train_set[i] for i in sampler.take(n)]
+                    extra = dataclasses.replace(sampling, seed=seed + round_ * 1_000_000_007)
+                    return generate_and_score(rollout, rewards, algorithm.program, extra, more, timer)[0]
+
+                trajectories, filled = refill_groups(trajectories, sample_more, cfg.trainer.prompts_per_step, algorithm.sampling_rounds)
+                metrics |= filled
             batch = build_batch(trajectories, tokenizer.pad_token_id)
             batch["advantages"] = algorithm.advantages(batch)
             with rollout.asleep():
@@ -97,6 +103,15 @@ def train(cfg) -> dict:
     summary |= {"final_model": str(final), "wall_time_s": round(time.time() - started, 1), "peak_memory_gib": round(memory.peak_gib, 2)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def generate_and_score(rollout, rewards, program: str, sampling: SamplingParams, prompts, timer) -> tuple[list[Trajectory], dict]:
+    """K samples per prompt, with their rewards filled in; the reward metrics."""
+    with timer("generate"):
+        trajectories = rollout.generate(prompts, program, sampling)
+    with timer("reward"):
+        metrics = rewards.score(trajectories)
+    return trajectories, metrics
 
 
 def start_actors(cfg, algorithm, policy_path: str, reference_path: str | None) -> tuple[RolloutGroup, LearnerGroup]:

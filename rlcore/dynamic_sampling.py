@@ -1,0 +1,64 @@
+"""Dynamic sampling (DAPO): keep only groups whose rewards differ, refilling from new prompts.
+
+A group whose K rewards are all equal has zero advantage under a group baseline and
+teaches nothing; DAPO drops such groups and generates more until the batch is full.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from rlcore.algorithm import equal_reward_groups
+from rlcore.batch import Trajectory
+
+
+def split_groups(trajectories: list[Trajectory]) -> list[list[Trajectory]]:
+    """The trajectories by group_id, groups in order of first appearance."""
+    groups: dict[int, list[Trajectory]] = {}
+    for t in trajectories:
+        groups.setdefault(t.group_id, []).append(t)
+    return list(groups.values())
+
+
+def refill_groups(trajectories: list[Trajectory], sample_more: Callable[[int, int], list[Trajectory]], groups: int,
+                  rounds: int) -> tuple[list[Trajectory], dict[str, float]]:
+    """Dynamic sampling (DAPO): `groups` groups whose rewards are not all equal.
+
+    Keeps the informative groups of `trajectories`; while fewer than `groups` are kept and
+    fewer than `rounds` generation rounds have run, `sample_more(n, round)` generates and
+    scores the groups of n more prompts, n = the missing count over the share kept so far
+    (at most `groups`). If the rounds run out, dropped groups fill the rest, so the batch
+    keeps its size; they have advantage 0 under a group baseline. Group ids come back as
+    0..groups−1 in batch order. The reward metrics stay those of the first round, an
+    unbiased sample of the policy."""
+    kept: list[list[Trajectory]] = []
+    dropped: list[list[Trajectory]] = []
+    generated = 0
+    for round_ in range(1, rounds + 1):
+        if round_ > 1:
+            share = len(kept) / generated
+            trajectories = sample_more(min(groups, math.ceil(missing / share)) if share else groups, round_ - 1)
+        found = split_groups(trajectories)
+        ids = torch.tensor([k for k, g in enumerate(found) for _ in g])
+        equal = equal_reward_groups(torch.tensor([t.reward for g in found for t in g], dtype=torch.float64), ids)
+        per_group = torch.zeros(len(found), dtype=torch.bool).index_put_((ids,), equal)
+        for group, all_equal in zip(found, per_group.tolist()):
+            (dropped if all_equal else kept).append(group)
+        generated += len(found)
+        if round_ == 1:
+            first_share = len(kept) / generated
+        missing = groups - len(kept)
+        if missing <= 0:
+            break
+    fillers = max(0, groups - len(kept))
+    chosen = kept[:groups] + dropped[:fillers]
+    out = []
+    for gid, group in enumerate(chosen):
+        for t in group:
+            t.group_id = gid
+            out.append(t)
+    metrics = {"sampling/rounds": float(round_), "sampling/informative_frac": first_share, "sampling/filler_groups": float(fillers)}
+    return out, metrics
