@@ -158,8 +158,11 @@ def ray_processes() -> set[int]:
 def test_ctrl_c_shuts_down_the_ray_it_started(tiny_model, tmp_path):
     before = ray_processes()
     run_dir = tmp_path / "interrupted"
+    # SIGINT at its default in the child: a job started in the background by a non-interactive
+    # shell (`bash .ci/run &`) inherits SIGINT ignored, and Python then keeps ignoring Ctrl-C.
     process = subprocess.Popen([*RLCORE, *train_args(tiny_model, run_dir, "trainer.steps=50", "trainer.eval_before=false")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
         assert process.poll() is None and time.time() < deadline, process.stderr.read()[-3000:] if process.poll() is not None else "timeout"
@@ -167,7 +170,7 @@ def test_ctrl_c_shuts_down_the_ray_it_started(tiny_model, tmp_path):
     assert ray_processes() - before  # Ray is up while it trains
     process.send_signal(signal.SIGINT)
     process.wait(timeout=120)
-    assert process.returncode != 0
+    assert process.returncode != 0, process.stderr.read()[-3000:]
     deadline = time.time() + 60
     while ray_processes() - before and time.time() < deadline:
         time.sleep(1)
