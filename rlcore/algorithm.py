@@ -94,15 +94,6 @@ def group_sums(values: Tensor, group_ids: Tensor, num_groups: int) -> Tensor:
     return torch.zeros(num_groups, dtype=values.dtype).index_add_(0, group_ids, values)
 
 
-def equal_reward_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """[B] bool: True for every sample whose group's rewards are all equal (no learning signal
-    under a group baseline). DAPO's dynamic sampling drops these groups."""
-    num_groups = int(group_ids.max()) + 1
-    high = torch.full((num_groups,), -torch.inf, dtype=rewards.dtype).scatter_reduce(0, group_ids, rewards, "amax")
-    low = torch.full((num_groups,), torch.inf, dtype=rewards.dtype).scatter_reduce(0, group_ids, rewards, "amin")
-    return (high == low)[group_ids]
-
-
 def expand_to_tokens(per_sample: Tensor, mask: Tensor) -> Tensor:
     """[B] → [B, R], zero outside the response."""
     return per_sample[:, None] * mask

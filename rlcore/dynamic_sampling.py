@@ -9,9 +9,6 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import torch
-
-from rlcore.algorithm import equal_reward_groups
 from rlcore.batch import Trajectory
 
 
@@ -42,10 +39,8 @@ def refill_groups(trajectories: list[Trajectory], sample_more: Callable[[int, in
             share = len(kept) / generated
             trajectories = sample_more(min(groups, math.ceil(missing / share)) if share else groups, round_ - 1)
         found = split_groups(trajectories)
-        ids = torch.tensor([k for k, g in enumerate(found) for _ in g])
-        equal = equal_reward_groups(torch.tensor([t.reward for g in found for t in g], dtype=torch.float64), ids)
-        per_group = torch.zeros(len(found), dtype=torch.bool).index_put_((ids,), equal)
-        for group, all_equal in zip(found, per_group.tolist()):
+        for group in found:
+            all_equal = len({t.reward for t in group}) == 1
             (dropped if all_equal else kept).append(group)
         generated += len(found)
         if round_ == 1:

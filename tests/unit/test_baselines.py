@@ -8,7 +8,7 @@ import torch
 from conftest import compose
 from tensordict import TensorDict
 
-from rlcore.algorithm import ALGORITHMS, LossNorm, build_algorithm, equal_reward_groups, truncated_is_weights
+from rlcore.algorithm import ALGORITHMS, LossNorm, build_algorithm, truncated_is_weights
 from rlcore.algorithms.dapo import overlong_penalty
 from rlcore.algorithms.grpo import grpo_advantages
 from rlcore.algorithms.gspo import gspo_loss
@@ -152,24 +152,6 @@ def test_dapo_defaults_and_clip_higher():
     loss, metrics = algo.loss(torch.log(torch.tensor([[1.5, 0.5]])), batch, LossNorm(2.0, 1.0))
     assert float(loss) == pytest.approx((-1.28 + 0.8) / 2)
     assert float(metrics["clip_frac"]) == 1.0
-
-
-def equal_groups_loop(rewards, groups):
-    return [len({rewards[j] for j in range(len(rewards)) if groups[j] == groups[i]}) == 1 for i in range(len(rewards))]
-
-
-def test_equal_reward_groups_hand_values():
-    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.3])
-    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3])  # a group of one is trivially all-equal
-    assert equal_reward_groups(rewards, groups).tolist() == [True, True, False, False, True, True, True]
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_equal_reward_groups_matches_loop(seed):
-    g = torch.Generator().manual_seed(seed)
-    rewards = torch.randint(0, 2, (24,), generator=g).float()
-    groups = torch.randperm(24, generator=g) % 8
-    assert equal_reward_groups(rewards, groups).tolist() == equal_groups_loop(rewards.tolist(), groups.tolist())
 
 
 def trajectories(reward_groups, first_id=0):
