@@ -13,8 +13,9 @@
    before the group normalisation: 0 while |y| ≤ L_max − L_cache, then
    ((L_max − L_cache) − |y|) / L_cache down to −1 at L_max, −1 beyond (SPEC §3).
    Paper: L_max = overlong_max_tokens = 20480, L_cache = overlong_buffer = 4096;
-   overlong_buffer=0 turns it off. It is applied here, on the advantage side, because
-   reward functions see text, not token counts.
+   overlong_buffer=0 turns it off. It is applied here, on the advantage side, so that the
+   dynamic-sampling filter sees the rewards without it (the same formula as the reward fn
+   `soft_overlong`, rlcore.rewards.length).
 No KL term (kl_coef 0), as in the paper. Advantages are GRPO's (std-normalised).
 """
 
@@ -22,17 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from rlcore.algorithm import expand_to_tokens, register_algorithm
 from rlcore.algorithms.grpo import GRPO, grpo_advantages
 from rlcore.config import ConfigError
-
-
-def overlong_penalty(lengths: Tensor, max_tokens: int, buffer: int) -> Tensor:
-    """DAPO's soft overlong punishment per sample: 0, linear to −1 over the last `buffer`
-    tokens before `max_tokens`, −1 beyond."""
-    return (((max_tokens - buffer) - lengths.double()) / buffer).clamp(min=-1.0, max=0.0).to(lengths.dtype)
+from rlcore.rewards.length import overlong_penalty
 
 
 @register_algorithm("dapo")
@@ -63,5 +60,6 @@ class DAPO(GRPO):
     def advantages(self, batch) -> Tensor:
         rewards = batch["rewards"]
         if self.overlong_buffer:
-            rewards = rewards + overlong_penalty(batch["response_lengths"], self.overlong_max_tokens, self.overlong_buffer)
+            lengths = batch["response_lengths"].tolist()
+            rewards = rewards + torch.tensor([overlong_penalty(n, self.overlong_max_tokens, self.overlong_buffer) for n in lengths])
         return expand_to_tokens(grpo_advantages(rewards, batch["group_ids"], self.scale_by_std), batch["response_mask"])

@@ -8,11 +8,18 @@ the first adds the carry; the last column writes its whole sum):
 
 Writing whole partial sums ("814+707=1521") did not learn at this model size;
 per-digit columns did (shared/NOTES-platform.md).
+
+A verbose variant (for the length-reward recipes) repeats the working as a re-check on
+a fixed share of the problems, chosen by a hash of the question so that it is the same
+in every run:
+
+    <think>4+7+5=16, 1+0+6+1=8, 8+7+9+0=24; check: 4+7+5=16, 1+0+6+1=8, 8+7+9+0=24</think> \\boxed{2486}
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 
 from rlcore.data import Prompt
 
@@ -29,6 +36,18 @@ def column_addition_working(terms: list[int]) -> str:
     return ", ".join(columns)
 
 
-def column_addition_completion(prompt: Prompt) -> str:
+def column_addition_completion(prompt: Prompt, recheck: bool = False) -> str:
     terms = [int(x) for x in re.findall(r"\d+", prompt.text)]
-    return f"<think>{column_addition_working(terms)}</think> \\boxed{{{sum(terms)}}}"
+    working = column_addition_working(terms)
+    if recheck:
+        working += f"; check: {working}"
+    return f"<think>{working}</think> \\boxed{{{sum(terms)}}}"
+
+
+RECHECK_SHARE = 0.7
+
+
+def column_addition_completion_verbose(prompt: Prompt) -> str:
+    """The working with a re-check on RECHECK_SHARE of the questions (fixed per question)."""
+    recheck = zlib.crc32(prompt.text.encode()) % 1000 < RECHECK_SHARE * 1000
+    return column_addition_completion(prompt, recheck)

@@ -8,6 +8,7 @@ Layout of a Batch (a `tensordict.TensorDict` with batch size [B]):
     response_mask   [B, R]    1 on tokens the loss may touch
     rollout_logp    [B, R]    log-probs the rollout engine reported
     rewards, group_ids, response_lengths  [B]
+    modes           [B]       hybrid thinking's forced mode: 1 think, 0 no-think, -1 none (rlcore.hybrid)
 
 Every per-token tensor an algorithm sees is [B, R] over the response, so the
 response always starts at column P of input_ids. Later stages add
@@ -33,14 +34,16 @@ class Trajectory:
     text: str
     finish_reason: str  # "stop" (EOS) or "length"
     group_id: int = 0
-    # Tokens the loss may touch; None = all response tokens (AsyncThink and HGPO refine it).
+    # Tokens the loss may touch; None = all response tokens (AsyncThink refines it).
     loss_mask: list[int] | None = None
+    # The mode the `hybrid` rollout program forced (its tag is response token 0): 1 think, 0 no-think; -1 none.
+    mode: int = -1
     reward: float = 0.0
     reward_parts: dict[str, float] = field(default_factory=dict)
     accuracy: float = 0.0
 
     def sample(self) -> Sample:
-        return Sample(self.prompt.text, self.text, self.prompt.ground_truth, self.prompt.metadata)
+        return Sample(self.prompt.text, self.text, self.prompt.ground_truth, self.prompt.metadata, num_tokens=len(self.response_ids))
 
 
 def build_batch(trajectories: list[Trajectory], pad_id: int) -> TensorDict:
@@ -68,6 +71,7 @@ def build_batch(trajectories: list[Trajectory], pad_id: int) -> TensorDict:
             "rewards": torch.tensor([t.reward for t in trajectories], dtype=torch.float),
             "group_ids": torch.tensor([t.group_id for t in trajectories], dtype=torch.long),
             "response_lengths": torch.tensor([len(t.response_ids) for t in trajectories], dtype=torch.float),
+            "modes": torch.tensor([t.mode for t in trajectories], dtype=torch.long),
         },
         batch_size=[B],
     )

@@ -138,13 +138,26 @@ class LearnerConfig:
 
 
 @dataclass
+class AccuracyGateConfig:
+    """Short-RL's accuracy-aware gate (SPEC §3, design 3): the scores of `fns` count only in
+    batches whose accuracy is ≥ MaxAcc − tau_acc, MaxAcc the running maximum of batch
+    accuracy (saved in checkpoints). tau_acc null = no gate."""
+
+    tau_acc: Optional[float] = None
+    fns: List[str] = field(default_factory=list)
+
+
+@dataclass
 class RewardConfig:
     # Registered names (see rlcore.reward.BUILTIN) or dotted paths `pkg.mod:fn` / `pkg.mod.fn`.
     fns: List[str] = field(default_factory=lambda: ["math"])
     # One weight per fn; empty means 1.0 each. The reward is Σ weight·score.
     weights: List[float] = field(default_factory=list)
-    # Which fn's score is reported as `accuracy`.
+    # Which fn's score is reported as `accuracy` (a per-sample fn; group fns see it as Sample.correct).
     accuracy: str = "math"
+    # Keyword options per fn, e.g. {short_rl: {tau_l: 100}}; checked against the fn's signature.
+    options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    accuracy_gate: AccuracyGateConfig = field(default_factory=AccuracyGateConfig)
     timeout_s: float = 10.0
     num_workers: int = 2
 
@@ -186,6 +199,8 @@ class TrainerConfig:
     eval_every: int = 0
     checkpoint_every: int = 50
     keep_last: int = 2
+    # Log KL(π_old ‖ π_new) on each batch after its update (`policy_shift`); one more forward pass.
+    log_policy_shift: bool = False
 
 
 @dataclass
@@ -232,6 +247,9 @@ class SFTSettings:
     # `module:fn` turning a data row into the completion text to imitate.
     completion_fn: str = "rlcore.arith:column_addition_completion"
     eval_every: int = 100
+    # Tokens to add to the tokenizer (ordinary tokens, kept in decoded text) before training, the
+    # embeddings resized to match; e.g. hybrid thinking's <no_think> tags (recipes/sft_hybrid.yaml).
+    add_tokens: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -266,10 +284,25 @@ class SFTConfig(RunConfig):
 
 
 @dataclass
+class HybridEvalSettings:
+    """Hybrid thinking in `rlcore eval` (SPEC §2; rlcore/hybrid_eval.py): the mode the model
+    picks per difficulty and, in free mode, Hybrid Accuracy (eval/hacc)."""
+
+    enabled: bool = False
+    # The greedy pass: `free` (the model picks its mode) or forced into `think` / `no_think`.
+    mode: str = "free"
+    # HAcc's reference: responses sampled per prompt in each forced mode (rollout.temperature).
+    samples_per_mode: int = 4
+    # Mean scores of the two modes within tie_margin: a near-tie, won by the mode with shorter responses.
+    tie_margin: float = 0.0
+
+
+@dataclass
 class EvalConfig(RunConfig):
     """`rlcore eval`: greedy accuracy of model on data's held-out split."""
 
     name: str = "eval"
+    hybrid: HybridEvalSettings = field(default_factory=HybridEvalSettings)
 
 
 def import_function(spec: str, key: str):
@@ -322,6 +355,22 @@ def validate_common(cfg) -> None:
         )
     check_positive("reward.timeout_s", cfg.reward.timeout_s)
     check_positive("reward.num_workers", cfg.reward.num_workers)
+    for key, names in (("reward.options", list(cfg.reward.options)), ("reward.accuracy_gate.fns", list(cfg.reward.accuracy_gate.fns))):
+        for name in names:
+            if name not in cfg.reward.fns:
+                raise ConfigError(f"{key}: {name!r} is not one of reward.fns={list(cfg.reward.fns)}")
+    gate = cfg.reward.accuracy_gate
+    if gate.tau_acc is not None:
+        check_positive("reward.accuracy_gate.tau_acc", gate.tau_acc, zero_ok=True)
+        if not gate.fns:
+            raise ConfigError("reward.accuracy_gate.tau_acc is set but reward.accuracy_gate.fns is empty; name the length rewards it gates")
+
+
+def validate_hybrid_eval(cfg) -> None:
+    h = cfg.hybrid
+    check_choice("hybrid.mode", h.mode, ["free", "think", "no_think"])
+    check_positive("hybrid.samples_per_mode", h.samples_per_mode)
+    check_positive("hybrid.tie_margin", h.tie_margin, zero_ok=True)
 
 
 def validate_vllm(cfg) -> None:

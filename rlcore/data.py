@@ -32,6 +32,8 @@ class Prompt:
 def reasoning_gym_rows(task: str, size: int, seed: int, task_args: dict) -> list[dict]:
     import reasoning_gym
 
+    import rlcore.arith_mix  # noqa: F401  (registers rlcore's own task, arith_mix)
+
     try:
         dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **task_args)
     except (KeyError, ValueError, TypeError) as e:

@@ -1,4 +1,5 @@
-"""`rlcore eval`: greedy held-out accuracy of any model on a task."""
+"""`rlcore eval`: greedy held-out accuracy of any model on a task; with hybrid.enabled=true also
+the hybrid-thinking metrics (mode choice per difficulty, Hybrid Accuracy: rlcore.hybrid_eval)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import json
 from pathlib import Path
 
 from rlcore.cluster import ray_session, thread_counts
-from rlcore.config import longest_request, validate_common
+from rlcore.config import longest_request, validate_common, validate_hybrid_eval
 from rlcore.data import load_splits
+from rlcore.hybrid import mode_tag_ids
+from rlcore.hybrid_eval import hybrid_evaluate
 from rlcore.models import load_tokenizer, resolve_model_path
 from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
@@ -17,14 +20,18 @@ from rlcore.trainer import evaluate
 
 def eval_command(cfg) -> dict:
     validate_common(cfg)
+    validate_hybrid_eval(cfg)
     model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
     tokenizer = load_tokenizer(model_path)
+    tag_ids = mode_tag_ids(tokenizer) if cfg.hybrid.enabled else None
     _, eval_set = load_splits(cfg.data, tokenizer)
     with RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
         threads, _ = thread_counts(cfg.cluster, cfg.rollout.num_workers, 1)
         placement = plan_placement(cfg.cluster, cfg.rollout.num_workers, cfg.rollout.vllm.tensor_parallel_size, learner_ranks=0)
         rollout = RolloutGroup(model_path, cfg.model.dtype, cfg.rollout, cfg.cluster, longest_request(cfg), threads, placement.rollout)
         result = {"model": cfg.model.path, "prompts": len(eval_set), **evaluate(rollout, rewards, eval_set, cfg.rollout)}
+        if cfg.hybrid.enabled:
+            result |= hybrid_evaluate(rollout, rewards, eval_set, cfg.rollout, cfg.hybrid, tag_ids)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
     return result

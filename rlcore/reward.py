@@ -1,18 +1,30 @@
-"""Reward functions: plain Python functions of one sample, run with time limits.
+"""Reward functions: plain Python functions, run with time limits.
 
-A reward is `fn(sample: Sample) -> float | dict`. A dict holds named parts and
-must contain "score"; the other parts are logged as `reward/<fn>/<part>`.
-Built-ins are registered by short name; any other function is named by its
-dotted path (`mypkg.mod:fn` or `mypkg.mod.fn`).
+Two forms:
+- per sample, the ordinary one: `fn(sample: Sample, **options) -> float | dict`;
+- per group, for rewards that compare a response with its siblings (the K samples of
+  one prompt; length rewards): `fn(group: list[Sample], **options) -> list[float | dict]`,
+  one entry per sample, marked with `@group_reward`. Group fns run after the per-sample
+  ones, and each Sample then carries `correct`: its score from the accuracy fn
+  (`reward.accuracy`), so a length term can look at which siblings are right.
+A dict holds named parts and must contain "score"; the other parts are logged as
+`reward/<fn>/<part>`. `reward.options.<fn>` are keyword options, checked against the
+function's signature at start-up. Built-ins are registered by short name; any other
+function is named by its dotted path (`mypkg.mod:fn` or `mypkg.mod.fn`).
 
-Every call runs in a separate process (pebble's pool) under
-`reward.timeout_s`: a reward that raises or hangs scores 0 and is counted in
-the metrics (`reward/errors`, `reward/timeouts`); a hanging worker is killed
-and replaced. User code never takes the trainer down.
+Every call runs in a separate process (pebble's pool) under `reward.timeout_s`: a
+reward that raises or hangs scores 0 (a whole group, for a group fn) and is counted in
+the metrics (`reward/errors`, `reward/timeouts`); a hanging worker is killed and
+replaced. User code never takes the trainer down.
+
+The accuracy gate (Short-RL, `reward.accuracy_gate`) zeroes the named fns' scores in a
+batch whose accuracy fell more than tau_acc below the best batch accuracy so far; that
+running maximum is the runner's state, saved in checkpoints.
 """
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 from collections import defaultdict
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -21,11 +33,16 @@ from typing import Any, Callable
 
 from pebble import ProcessPool
 
-from rlcore.config import import_function
+from rlcore.config import ConfigError, import_function
 
 BUILTIN = {
     "math": "rlcore.rewards.math:math_correct",
     "format": "rlcore.rewards.format:think_format",
+    "rpt": "rlcore.rewards.rpt:rpt_prefix",
+    "short_rl": "rlcore.rewards.length:short_rl",
+    "kimi_length": "rlcore.rewards.length:kimi_length",
+    "soft_overlong": "rlcore.rewards.length:soft_overlong",
+    "l1_length": "rlcore.rewards.length:l1_length",
 }
 
 
@@ -37,21 +54,37 @@ class Sample:
     response: str
     ground_truth: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    num_tokens: int = 0  # response length in tokens
+    correct: float | None = None  # the accuracy fn's score; set before group fns run
 
 
-def resolve(spec: str) -> Callable[[Sample], Any]:
+def group_reward(fn: Callable) -> Callable:
+    """Mark `fn` as a group reward: it takes the list of a prompt's samples."""
+    fn.group_reward = True
+    return fn
+
+
+def resolve(spec: str) -> Callable:
     """A built-in name (BUILTIN) or a dotted path → the reward function."""
     return import_function(BUILTIN.get(spec, spec), f"reward.fns ({spec})")
+
+
+def check_options(spec: str, options: dict) -> None:
+    """One-line ConfigError unless `options` are keyword arguments `spec`'s function takes."""
+    try:
+        inspect.signature(resolve(spec)).bind(None, **options)
+    except TypeError as e:
+        raise ConfigError(f"reward.options.{spec}: {e}; see the function's docstring") from None
 
 
 _resolved: dict[str, Callable] = {}
 
 
-def _call(spec: str, sample: Sample):
+def _call(spec: str, options: dict, payload):
     """Runs in a pool worker: look the function up once per process, call it."""
     if spec not in _resolved:
         _resolved[spec] = resolve(spec)
-    return _resolved[spec](sample)
+    return _resolved[spec](payload, **options)
 
 
 def _as_score(value) -> tuple[float, dict[str, float]]:
@@ -61,16 +94,36 @@ def _as_score(value) -> tuple[float, dict[str, float]]:
     return float(value), {}
 
 
+class AccuracyGate:
+    """Short-RL's accuracy-aware gate: open while batch accuracy ≥ MaxAcc − tau_acc. Each
+    training `score` call is one batch (with dynamic sampling, each generation round)."""
+
+    def __init__(self, tau_acc: float | None, fns):
+        self.tau_acc, self.fns, self.max_accuracy = tau_acc, set(fns), None
+
+    def update(self, accuracy: float) -> bool:
+        """Take one training batch's accuracy; is the gate open for that batch?"""
+        if self.tau_acc is None:
+            return True
+        self.max_accuracy = accuracy if self.max_accuracy is None else max(self.max_accuracy, accuracy)
+        return accuracy >= self.max_accuracy - self.tau_acc
+
+
 class RewardRunner:
     """Scores trajectories with the configured reward functions in a process pool."""
 
     def __init__(self, cfg):
         self.specs = list(cfg.fns)
         self.weights = list(cfg.weights) or [1.0] * len(self.specs)
+        self.options = {spec: dict(cfg.options.get(spec) or {}) for spec in self.specs}
         self.accuracy = cfg.accuracy
         self.timeout_s = cfg.timeout_s
         for spec in self.specs:  # fail at start-up, in this process, with one line
-            resolve(spec)
+            check_options(spec, self.options[spec])
+        self.grouped = {spec for spec in self.specs if getattr(resolve(spec), "group_reward", False)}
+        if self.accuracy in self.grouped:
+            raise ConfigError(f"reward.accuracy={self.accuracy!r} is a group reward; name a per-sample fn (e.g. math)")
+        self.gate = AccuracyGate(cfg.accuracy_gate.tau_acc, cfg.accuracy_gate.fns)
         # spawn: the trainer process runs Ray's threads, which fork does not copy safely.
         self.pool = ProcessPool(max_workers=cfg.num_workers, context=multiprocessing.get_context("spawn"))
 
@@ -84,32 +137,79 @@ class RewardRunner:
     def __exit__(self, *exc):
         self.close()
 
-    def score(self, trajectories) -> dict[str, float]:
-        """Fill each trajectory's `reward`, `reward_parts` and `accuracy`; return step metrics."""
-        futures = [
-            [self.pool.schedule(_call, args=(spec, t.sample()), timeout=self.timeout_s) for spec in self.specs]
-            for t in trajectories
-        ]
+    def state_dict(self) -> dict:
+        return {"max_accuracy": self.gate.max_accuracy}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gate.max_accuracy = state["max_accuracy"]
+
+    def score(self, trajectories, train: bool = True) -> dict[str, float]:
+        """Fill each trajectory's `reward`, `reward_parts` and `accuracy`; return step metrics.
+        `train=False` (evaluation) leaves the accuracy gate's state alone and its fns ungated."""
+        samples = [t.sample() for t in trajectories]
         counts, sums = defaultdict(int), defaultdict(float)
-        for traj, row in zip(trajectories, futures):
-            traj.reward, traj.reward_parts = 0.0, {}
-            for spec, weight, future in zip(self.specs, self.weights, row):
-                try:
-                    score, parts = _as_score(future.result())
-                except FutureTimeout:
-                    score, parts = 0.0, {}
-                    counts["reward/timeouts"] += 1
-                except Exception:  # a user reward that raises scores 0, counted
-                    score, parts = 0.0, {}
-                    counts["reward/errors"] += 1
+        results = self._run_per_sample(samples, counts)
+        for sample, (score, _) in zip(samples, results.get(self.accuracy, [])):
+            sample.correct = score
+        results |= self._run_groups(samples, [t.group_id for t in trajectories], counts)
+
+        n = max(len(trajectories), 1)
+        accuracy = sum(s.correct or 0.0 for s in samples) / n
+        gate_open = self.gate.update(accuracy) if train else True
+        for i, (traj, sample) in enumerate(zip(trajectories, samples)):
+            traj.reward, traj.reward_parts, traj.accuracy = 0.0, {}, sample.correct or 0.0
+            for spec, weight in zip(self.specs, self.weights):
+                score, parts = results[spec][i]
+                if not gate_open and spec in self.gate.fns:
+                    score = 0.0
                 traj.reward += weight * score
                 traj.reward_parts[spec] = score
                 for part, value in {spec: score, **{f"{spec}/{k}": v for k, v in parts.items()}}.items():
                     sums[f"reward/{part}"] += value
-            traj.accuracy = traj.reward_parts.get(self.accuracy, 0.0)
-        n = max(len(trajectories), 1)
         metrics = {k: v / n for k, v in sums.items()}
         metrics.update({k: float(counts[k]) for k in ("reward/errors", "reward/timeouts")})
         metrics["reward/mean"] = sum(t.reward for t in trajectories) / n
-        metrics["accuracy"] = sum(t.accuracy for t in trajectories) / n
+        metrics["accuracy"] = accuracy
+        if self.gate.tau_acc is not None and train:
+            metrics |= {"reward/gate_open": float(gate_open), "reward/max_accuracy": self.gate.max_accuracy}
         return metrics
+
+    def _run_per_sample(self, samples: list[Sample], counts) -> dict[str, list]:
+        """spec → [(score, parts)] per sample, for every per-sample fn."""
+        specs = [s for s in self.specs if s not in self.grouped]
+        futures = {spec: [self._schedule(spec, sample) for sample in samples] for spec in specs}
+        return {spec: [self._result(f, None, counts)[0] for f in row] for spec, row in futures.items()}
+
+    def _run_groups(self, samples: list[Sample], group_ids: list[int], counts) -> dict[str, list]:
+        """spec → [(score, parts)] per sample, for every group fn, called once per group."""
+        members = defaultdict(list)
+        for i, g in enumerate(group_ids):
+            members[g].append(i)
+        out = {}
+        for spec in (s for s in self.specs if s in self.grouped):
+            futures = [(idx, self._schedule(spec, [samples[i] for i in idx])) for idx in members.values()]
+            out[spec] = [None] * len(samples)
+            for idx, future in futures:
+                for i, result in zip(idx, self._result(future, len(idx), counts)):
+                    out[spec][i] = result
+        return out
+
+    def _schedule(self, spec: str, payload):
+        return self.pool.schedule(_call, args=(spec, self.options[spec], payload), timeout=self.timeout_s)
+
+    @staticmethod
+    def _result(future, group_size: int | None, counts) -> list[tuple[float, dict]]:
+        """(score, parts) pairs from a future: one for a per-sample fn (group_size None), one
+        per member for a group fn; zeros (counted) if it timed out, raised or returned the
+        wrong count."""
+        size = group_size or 1
+        try:
+            values = future.result() if group_size else [future.result()]
+            if len(values) != size:
+                raise ValueError(f"returned {len(values)} scores for {size} samples")
+            return [_as_score(v) for v in values]
+        except FutureTimeout:
+            counts["reward/timeouts"] += 1
+        except Exception:  # a user reward that raises (or returns garbage) scores 0, counted
+            counts["reward/errors"] += 1
+        return [(0.0, {})] * size

@@ -3,7 +3,8 @@
 The loss is completion-only NLL (token mean over the batch). With
 `sft.from_scratch=true` it first builds a tokenizer from the task's text and
 a fresh Llama-architecture model; that is how the embedded default model
-(rlcore/assets/arith-3m) was made.
+(rlcore/assets/arith-3m) was made. `sft.add_tokens` adds tokens to the tokenizer and
+resizes the embeddings first (the hybrid-thinking cold start adds its <no_think> tags).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from omegaconf import OmegaConf
 from rlcore.algorithm import LossNorm, aggregate
 from rlcore.batch import Trajectory, build_batch
 from rlcore.cluster import ray_session, thread_counts
-from rlcore.config import import_function, longest_request, validate_common, validate_learner
+from rlcore.config import ConfigError, import_function, longest_request, validate_common, validate_learner
 from rlcore.data import Prompt, PromptSampler, load_splits, reasoning_gym_rows
 from rlcore.learner.group import LearnerGroup
 from rlcore.logging import PeakMemory, RunLogger, StepTimer
-from rlcore.models import load_tokenizer, resolve_model_path
+from rlcore.models import load_model, load_tokenizer, resolve_model_path
 from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
 from rlcore.rollout.worker import RolloutGroup
@@ -75,6 +76,23 @@ def build_scratch_model(texts: list[str], arch, out_dir: Path) -> str:
     return str(out_dir)
 
 
+def with_added_tokens(model_path: str, tokens: list[str], out_dir: Path) -> str:
+    """The model at model_path with `tokens` added to its tokenizer as ordinary tokens (like
+    TAG_TOKENS) and its embeddings resized, saved to out_dir; model_path itself when it has
+    them all already. New rows are drawn around the old embeddings' mean (transformers'
+    mean_resizing), so the new tokens start as typical, not random, inputs."""
+    if not all(t.strip() for t in tokens):
+        raise ConfigError(f"sft.add_tokens={tokens}: a token is empty")
+    tokenizer = load_tokenizer(model_path)
+    if not tokenizer.add_tokens(tokens):
+        return model_path
+    model = load_model(model_path)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
 def sft(cfg) -> dict:
     validate_common(cfg)
     validate_learner(cfg)
@@ -82,10 +100,12 @@ def sft(cfg) -> dict:
     completion_of = import_function(cfg.sft.completion_fn, "sft.completion_fn")
     if cfg.sft.from_scratch:
         rows = reasoning_gym_rows(cfg.data.task, 2000, cfg.data.train_seed, dict(cfg.data.task_args))
-        texts = [r["question"] + " " + completion_of(Prompt("", r["question"], r["answer"])) for r in rows]
+        texts = [r["question"] + " " + completion_of(Prompt("", r["question"], r["answer"], metadata=r["metadata"])) for r in rows]
         model_path = build_scratch_model(texts, cfg.sft.scratch, run_dir / "init")
     else:
         model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
+    if cfg.sft.add_tokens:
+        model_path = with_added_tokens(model_path, list(cfg.sft.add_tokens), run_dir / "init")
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_splits(cfg.data, tokenizer)
     sampler = PromptSampler(len(train_set), cfg.seed)

@@ -27,6 +27,7 @@ from rlcore.models import load_tokenizer, resolve_model_path
 from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
 from rlcore.rollout.engine import SamplingParams
+from rlcore.rollout.programs import check_program
 from rlcore.rollout.worker import RolloutGroup
 
 
@@ -38,6 +39,7 @@ def train(cfg) -> dict:
     resume_from = find_resume(cfg.resume, checkpoints)
     model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
     tokenizer = load_tokenizer(model_path)
+    check_program(algorithm.program, tokenizer)
     train_set, eval_set = load_splits(cfg.data, tokenizer)
     sampler = PromptSampler(len(train_set), cfg.trainer.seed)
     state = {"step": 0, "accuracy_before": None}
@@ -52,6 +54,7 @@ def train(cfg) -> dict:
         rollout, learner = start_actors(cfg, algorithm, policy_path, reference_path=model_path if algorithm.needs_reference else None)
         if resume_from:
             learner.load_optimizer(str(resume_from))
+            rewards.load_state_dict(state["reward"])
         log = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), cfg.name, state["step"], steps)
         if resume_from:
             log.write(f"resumed from {resume_from} (step {state['step']})")
@@ -81,6 +84,9 @@ def train(cfg) -> dict:
                     metrics |= learner.compute_logprobs(batch, algorithm)
                 with timer("update"):
                     metrics |= learner.update(batch, algorithm)
+                if cfg.trainer.log_policy_shift:
+                    with timer("policy_shift"):
+                        metrics |= learner.policy_shift(batch)
             with timer("sync"):
                 rollout.load_weights(learner.export_weights())
             metrics |= response_metrics(batch, trajectories) | timer.metrics(tokens=float(batch["response_mask"].sum()))
@@ -88,7 +94,7 @@ def train(cfg) -> dict:
                 metrics |= evaluate(rollout, rewards, eval_set, cfg.rollout)
             log.log(step, metrics)
             if checkpoints.due(step, steps):
-                checkpoints.save(step, learner, {"sampler": sampler.state_dict(), "accuracy_before": state["accuracy_before"]}, model_path)
+                checkpoints.save(step, learner, {"sampler": sampler.state_dict(), "reward": rewards.state_dict(), "accuracy_before": state["accuracy_before"]}, model_path)
 
         summary = {"steps": steps, "eval/accuracy_before": state["accuracy_before"]}
         if cfg.trainer.eval_after:
@@ -143,12 +149,21 @@ def find_resume(resume: str, checkpoints: Checkpointer) -> Path | None:
 
 
 def evaluate(rollout, rewards, prompts, rollout_cfg) -> dict:
-    """Greedy held-out accuracy (one sample per prompt) and mean response length."""
+    """Greedy held-out accuracy (one sample per prompt), per bucket too, and mean response length."""
     greedy = SamplingParams(n=1, max_new_tokens=rollout_cfg.eval_max_new_tokens, temperature=0.0)
     trajectories = rollout.generate(prompts, "single", greedy)
-    scores = rewards.score(trajectories)
+    scores = rewards.score(trajectories, train=False)
     lengths = [len(t.response_ids) for t in trajectories]
-    return {"eval/accuracy": scores["accuracy"], "eval/length_mean": sum(lengths) / len(lengths)}
+    return {"eval/accuracy": scores["accuracy"], "eval/length_mean": sum(lengths) / len(lengths)} | accuracy_by_bucket(trajectories)
+
+
+def accuracy_by_bucket(trajectories) -> dict:
+    """`eval/accuracy/<bucket>` for prompts whose metadata names a bucket (RPT's entropy buckets, rlcore.rpt)."""
+    buckets: dict[str, list[float]] = {}
+    for t in trajectories:
+        if "bucket" in t.prompt.metadata:
+            buckets.setdefault(t.prompt.metadata["bucket"], []).append(t.accuracy)
+    return {f"eval/accuracy/{name}": sum(acc) / len(acc) for name, acc in sorted(buckets.items())}
 
 
 def response_metrics(batch, trajectories) -> dict:

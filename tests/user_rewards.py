@@ -2,6 +2,8 @@
 
 import time
 
+from rlcore.reward import group_reward
+
 
 def always_half(sample):
     return 0.5
@@ -23,3 +25,15 @@ def hangs(sample):
 def varies_with_text(sample):
     """Non-constant rewards for an untrained model, so advantages are non-zero."""
     return float(len(sample.response) % 3) / 2
+
+
+@group_reward
+def share_of_group_correct(group):
+    """A user group reward: each sample gets the share of its group the accuracy fn scored 1."""
+    share = sum(s.correct for s in group) / len(group)
+    return [share] * len(group)
+
+
+@group_reward
+def wrong_count(group):
+    return [1.0]

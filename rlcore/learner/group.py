@@ -7,7 +7,7 @@ import math
 import ray
 import torch
 
-from rlcore.algorithm import LossNorm
+from rlcore.algorithm import LossNorm, kl_estimate, masked_mean
 from rlcore.batch import plan_micro_batches, split_even
 from rlcore.learner.rank import LearnerRank
 
@@ -38,10 +38,20 @@ class LearnerGroup:
         old_from_update = self.old_logprob_pass == "auto" and algorithm.mini_batches == 1 and algorithm.epochs == 1
         if old_from_update and not self.has_reference:
             return {}
+        return _absorb(batch, self._logprobs(batch, old=not old_from_update, reference=True))
+
+    def policy_shift(self, batch) -> dict[str, float]:
+        """KL(π_old ‖ π_new) on the batch after the update: how far one step moved the policy
+        (OPO's paper reports it). k3 estimate on the batch's own tokens, sampled from π_old;
+        costs one more forward pass over the batch."""
+        new_logp = torch.cat([out["old_logp"] for out in self._logprobs(batch, old=True, reference=False)])
+        kl = kl_estimate(batch["old_logp"], new_logp, "k3")
+        return {"policy_shift": float(masked_mean(kl, batch["response_mask"]))}
+
+    def _logprobs(self, batch, old: bool, reference: bool) -> list[dict]:
         shards = split_even(batch, len(self.ranks))
         plans = plan_micro_batches(shards, self.micro_rows, self.micro_tokens)
-        outs = ray.get([r.logprobs.remote(s, p, not old_from_update) for r, s, p in zip(self.ranks, shards, plans)])
-        return _absorb(batch, outs)
+        return ray.get([r.logprobs.remote(s, p, old, reference) for r, s, p in zip(self.ranks, shards, plans)])
 
     def update(self, batch, algorithm) -> dict[str, float]:
         per_rank = [[] for _ in self.ranks]

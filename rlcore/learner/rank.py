@@ -158,10 +158,11 @@ class LearnerRank:
     # ---- the three things the trainer asks of a learner ------------------------------------
 
     @torch.no_grad()
-    def logprobs(self, shard, sizes: list[int], old: bool) -> dict:
-        """Old log-probs (when `old`) and reference log-probs (when there is a reference) of a
-        shard in micro-batches of `sizes` rows, with the current policy's entropy alongside
-        the old ones. All [B, R] on CPU, zero past each micro-batch's own response width."""
+    def logprobs(self, shard, sizes: list[int], old: bool, reference: bool = True) -> dict:
+        """The current policy's log-probs ("old_logp", when `old`) and the reference's (when
+        `reference` and there is one) of a shard in micro-batches of `sizes` rows, with the
+        policy's entropy alongside its log-probs. All [B, R] on CPU, zero past each
+        micro-batch's own response width."""
         self.engine.eval()
         R = shard["response_ids"].shape[1]
         parts = defaultdict(list)
@@ -171,7 +172,7 @@ class LearnerRank:
                 logp, entropy = response_logprobs(self.engine, mb, self.temperature)
                 parts["old_logp"].append(logp)
                 parts["entropy"].append(entropy)
-            if self.reference is not None:
+            if reference and self.reference is not None:
                 parts["ref_logp"].append(response_logprobs(self.reference, mb, self.temperature)[0])
         return {k: torch.cat([pad_response(t, R) for t in v]).cpu() for k, v in parts.items()}
 

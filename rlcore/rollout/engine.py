@@ -34,6 +34,8 @@ def completions(ids: list[list[int]], logprobs: list[list[float]], eos_ids: set[
 class RolloutEngine:
     """Generates completions for token-id prompts; takes new weights; frees memory when asked."""
 
+    tokenizer: object  # the model's tokenizer: rollout programs look up tokens (e.g. mode tags) with it
+
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Completion]]:
         """For each prompt, `sampling.n` completions."""
         raise NotImplementedError

@@ -1,5 +1,7 @@
 """Ray + DeepSpeed learners + rollout worker: world sizes agree, weight sync is real, ZeRO-3 exports full weights."""
 
+import math
+
 import pytest
 import ray
 import torch
@@ -100,6 +102,37 @@ def test_old_logprobs_from_the_update_pass_equal_a_separate_pass(tiny_model, bat
     assert m_a["entropy"] == m_b["entropy"] and m_a["grad_norm"] == m_b["grad_norm"]
     for name in w_a:
         torch.testing.assert_close(w_a[name], w_b[name], atol=0, rtol=0)
+
+
+def test_policy_shift_is_the_kl_between_consecutive_policies(tiny_model, batch):
+    from rlcore.models import load_model
+
+    group = learners(tiny_model, ranks=1, lr=1e-2)
+    b = batch.clone()
+    group.compute_logprobs(b, ALGO)
+    assert group.policy_shift(b)["policy_shift"] < 1e-9  # nothing moved yet
+    group.update(b, ALGO)
+    shift = group.policy_shift(b)["policy_shift"]
+    # Reference: the exported new weights in a plain model, one unpadded sequence at a time,
+    # and KL(π_old ‖ π_new) ≈ mean over response tokens of exp(Δ) − 1 − Δ, Δ = new − old.
+    model = load_model(tiny_model, "float32")
+    model.load_state_dict(ray.get(group.export_weights()))
+    P = b["input_ids"].shape[1] - b["response_ids"].shape[1]
+    terms = []
+    with torch.no_grad():
+        for row in range(b.batch_size[0]):
+            keep = b["attention_mask"][row].bool()
+            ids = b["input_ids"][row][keep]
+            start = int((~keep[:P]).sum())  # left padding before the prompt
+            logp = torch.log_softmax(model(ids[None]).logits[0].double(), -1)
+            for t in range(int(b["response_lengths"][row])):
+                pos = P - start + t  # the token's index in the unpadded sequence
+                delta = float(logp[pos - 1, ids[pos]]) - float(b["old_logp"][row, t])
+                terms.append(math.exp(delta) - 1 - delta)
+    for r in group.ranks:
+        ray.kill(r)
+    assert shift > 1e-5
+    assert shift == pytest.approx(sum(terms) / len(terms), rel=1e-3)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from conftest import compose
 from tensordict import TensorDict
 
 from rlcore.algorithm import ALGORITHMS, LossNorm, build_algorithm, truncated_is_weights
-from rlcore.algorithms.dapo import overlong_penalty
 from rlcore.algorithms.grpo import grpo_advantages
 from rlcore.algorithms.gspo import gspo_loss
 from rlcore.algorithms.opo import opo_advantages
@@ -19,6 +18,7 @@ from rlcore.batch import Trajectory
 from rlcore.config import ConfigError, validate_train
 from rlcore.data import Prompt
 from rlcore.dynamic_sampling import refill_groups
+from rlcore.rewards.length import overlong_penalty  # checked against a loop in test_length_rewards
 
 
 def random_groups(seed, n_groups=5, k=4):
@@ -108,32 +108,12 @@ def test_reinforce_pp_equal_rewards_give_zero():
 # ---- DAPO -----------------------------------------------------------------------------------
 
 
-def overlong_loop(length, max_tokens, buffer):
-    if length <= max_tokens - buffer:
-        return 0.0
-    if length <= max_tokens:
-        return ((max_tokens - buffer) - length) / buffer
-    return -1.0
-
-
-def test_overlong_penalty_hand_values():
-    # L_max 20, L_cache 5: free up to 15, then −0.2 per token to −1 at 20, −1 beyond
-    lengths = torch.tensor([10.0, 15.0, 16.0, 18.0, 20.0, 25.0])
-    torch.testing.assert_close(overlong_penalty(lengths, 20, 5), torch.tensor([0.0, 0.0, -0.2, -0.6, -1.0, -1.0]))
-
-
-def test_overlong_penalty_matches_loop():
-    lengths = torch.arange(0, 30).float()
-    want = torch.tensor([overlong_loop(n, 24, 7) for n in lengths.tolist()])
-    torch.testing.assert_close(overlong_penalty(lengths, 24, 7), want)
-
-
 def test_dapo_advantages_are_grpo_of_shaped_reward():
     rewards, lengths, groups = random_groups(1)
     mask = (torch.arange(40)[None, :] < lengths[:, None]).float()
     batch = batch_of(rewards=rewards, response_lengths=lengths, group_ids=groups, response_mask=mask)
     algo = build_algorithm({"name": "dapo", "overlong_max_tokens": 40, "overlong_buffer": 10})
-    shaped = [r + overlong_loop(n, 40, 10) for r, n in zip(rewards.tolist(), lengths.tolist())]
+    shaped = [r + overlong_penalty(n, 40, 10) for r, n in zip(rewards.tolist(), lengths.tolist())]
     want = grpo_advantages(torch.tensor(shaped), groups)
     torch.testing.assert_close(algo.advantages(batch)[:, 0], want)
     off = build_algorithm({"name": "dapo", "overlong_buffer": 0}).advantages(batch)[:, 0]

@@ -1,0 +1,78 @@
+"""Hybrid thinking in `rlcore eval` (SPEC §2): the mode the model picks, and Hybrid Accuracy.
+
+Greedy pass: one greedy response per prompt, the mode left to the model (hybrid.mode=free:
+the `single` program; the response's first token is the mode it chose) or forced into one
+mode (`think` / `no_think` programs: the always-think comparison). Reported for all prompts
+and per prompt.metadata["difficulty"] (rlcore.arith_mix: easy|hard):
+eval/hybrid/{think_share,no_think_share,accuracy,length_mean}[/<difficulty>]. A response
+opening with neither tag counts in neither share.
+
+Hybrid Accuracy (free mode): each prompt is also sampled samples_per_mode times in each mode
+(the `hybrid` program, at rollout.temperature) and scored with the configured rewards; the
+right mode is the one with the higher mean score, and a near-tie (|difference| ≤ tie_margin)
+goes to the mode with the shorter mean response (no-think if those tie too). HAcc is the
+share of prompts whose greedy free choice is the right mode: eval/hacc[/<difficulty>].
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from statistics import mean
+
+from rlcore.batch import Trajectory
+from rlcore.hybrid import NO_THINK, THINK, response_mode
+from rlcore.rollout.engine import SamplingParams
+
+
+def bucket_means(name: str, values: list[float], difficulties: list) -> dict[str, float]:
+    """{name: mean over all prompts, name/<d>: mean over the prompts of difficulty d}; prompts
+    whose difficulty is not a label (reasoning-gym's own record is a dict) count in `name` only."""
+    buckets = defaultdict(list)
+    for value, difficulty in zip(values, difficulties):
+        buckets[name].append(float(value))
+        if isinstance(difficulty, str):
+            buckets[f"{name}/{difficulty}"].append(float(value))
+    return {key: mean(vs) for key, vs in buckets.items()}
+
+
+def right_modes(forced: list[Trajectory], num_prompts: int, tie_margin: float) -> list[int]:
+    """Per prompt (group_id), the mode whose forced samples have the higher mean reward; within
+    tie_margin, the mode with the shorter mean response, no-think when those are equal too."""
+    rewards = [{THINK: [], NO_THINK: []} for _ in range(num_prompts)]
+    lengths = [{THINK: [], NO_THINK: []} for _ in range(num_prompts)]
+    for t in forced:
+        rewards[t.group_id][t.mode].append(t.reward)
+        lengths[t.group_id][t.mode].append(len(t.response_ids))
+    out = []
+    for r, n in zip(rewards, lengths):
+        gap = mean(r[THINK]) - mean(r[NO_THINK])
+        if abs(gap) > tie_margin:
+            out.append(THINK if gap > 0 else NO_THINK)
+        else:
+            out.append(THINK if mean(n[THINK]) < mean(n[NO_THINK]) else NO_THINK)
+    return out
+
+
+def hybrid_evaluate(rollout, rewards, prompts, rollout_cfg, settings, tag_ids: dict[int, int]) -> dict[str, float]:
+    """The metrics of the module docstring. settings: rlcore.config.HybridEvalSettings;
+    tag_ids: rlcore.hybrid.mode_tag_ids of the model's tokenizer."""
+    greedy = SamplingParams(n=1, max_new_tokens=rollout_cfg.eval_max_new_tokens, temperature=0.0)
+    responses = rollout.generate(prompts, "single" if settings.mode == "free" else settings.mode, greedy)
+    rewards.score(responses, train=False)
+    responses.sort(key=lambda t: t.group_id)  # one per prompt, in prompt order
+    chosen = [response_mode(t.response_ids, tag_ids) for t in responses]
+    difficulties = [p.metadata.get("difficulty") for p in prompts]
+    metrics = {
+        **bucket_means("eval/hybrid/think_share", [c == THINK for c in chosen], difficulties),
+        **bucket_means("eval/hybrid/no_think_share", [c == NO_THINK for c in chosen], difficulties),
+        **bucket_means("eval/hybrid/accuracy", [t.accuracy for t in responses], difficulties),
+        **bucket_means("eval/hybrid/length_mean", [len(t.response_ids) for t in responses], difficulties),
+    }
+    if settings.mode == "free":
+        sampling = SamplingParams(n=2 * settings.samples_per_mode, max_new_tokens=rollout_cfg.eval_max_new_tokens,
+                                  temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p)
+        forced = rollout.generate(prompts, "hybrid", sampling)
+        rewards.score(forced, train=False)
+        right = right_modes(forced, len(prompts), settings.tie_margin)
+        metrics |= bucket_means("eval/hacc", [c == r for c, r in zip(chosen, right)], difficulties)
+    return metrics

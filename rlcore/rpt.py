@@ -1,0 +1,221 @@
+"""RPT data (SPEC §5): next-token reasoning prompts cut from real text, bucketed by a proxy model's entropy.
+
+    python -m rlcore.rpt                      # → data/rpt/train.jsonl, data/rpt/eval.jsonl (~100 s of CPU time)
+    rlcore train recipe=rpt_nexttoken         # reads them (configs/data/rpt.yaml, data.source=hf)
+
+Corpus: the Python Language Reference as CPython ships it (`pydoc_data.topics`, the text
+behind `help("assignment")`, PSF licence): ~560 paragraphs of real English prose in every
+Python install, so it needs no network, no download and no extra package. It is technical
+prose with a little non-ASCII (curly quotes), which exercises the byte-level reward. Code
+and grammar blocks (indented) and headings are left out. The text is that of the running
+Python's version: a given seed gives the same rows on the same Python minor version.
+
+Cut positions: each paragraph (first MAX_TOKENS tokens, after at least MIN_CONTEXT) is cut
+before a token of the proxy's tokenizer. Cuts inside a UTF-8 character and before a
+whitespace-only token are skipped. The proxy (any HF causal LM; default the policy,
+SmolLM2-135M) scores every position of a paragraph in one forward pass, paragraphs batched.
+
+Entropy: of the proxy's next-token distribution restricted to its top 16 tokens and
+renormalised over them (nats, 0..ln 16 ≈ 2.77): a proper entropy, insensitive to the long
+tail of the vocabulary. Buckets: easy [0.5, 1.0), medium [1.0, 1.5), hard ≥ 1.5; positions
+below 0.5 are dropped. Each split gets the same number of positions per bucket, at most one
+per bucket per paragraph; held-out positions come from topics the training split never sees.
+
+Rows are {question, answer, metadata}, what data.source=hf loads: the question is the
+context and the instruction; the answer is the next token's text (up to the first whole
+character, for a token that ends inside one); metadata carries the truth for the reward
+(rewards/rpt.py) — `continuation` (the next NEXT_TOKENS tokens' text) and `boundaries`
+(their cumulative UTF-8 byte lengths) — and `bucket`, by which evaluation reports accuracy
+(`eval/accuracy/<bucket>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+BUCKETS = (("hard", 1.5), ("medium", 1.0), ("easy", 0.5))  # lower entropy bound of each, highest first
+TOP_K = 16
+MIN_CONTEXT = 16
+MAX_TOKENS = 128  # context ≤ 127 tokens: with the instruction and chat template, within data.max_prompt_tokens=256
+NEXT_TOKENS = 8  # a prediction may span up to this many tokens
+
+PROMPT = (
+    "Here is the beginning of a text, cut off at some point:\n\n{context}\n\n"
+    "What is the next token: the next word, part of a word, or punctuation mark? "
+    "Think it over inside <think> </think>, then write the next token in \\boxed{{}} after </think>, "
+    "e.g. <think>...</think> \\boxed{{word}}. Leading spaces are ignored."
+)
+
+
+def corpus() -> dict[str, list[str]]:
+    """topic → its prose paragraphs (lines joined, whitespace collapsed), from pydoc_data.topics."""
+    from pydoc_data.topics import topics
+
+    out = {}
+    for name, text in topics.items():
+        paragraphs = []
+        for block in re.split(r"\n\s*\n", text):
+            lines = block.split("\n")
+            if lines[0].startswith(" ") or any(set(line.strip()) <= set("*=-~") for line in lines):
+                continue  # code or grammar (indented), or a heading (underlined)
+            words = block.split()
+            if len(words) >= 24 and sum(w.isalpha() for w in words) >= len(words) / 2:  # prose, not a list of names
+                paragraphs.append(" ".join(words))
+        if paragraphs:
+            out[name] = paragraphs
+    return out
+
+
+def top_k_entropy(logits: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
+    """Entropy (nats) of softmax over the k largest logits, per position: [..., V] → [...]."""
+    logp = torch.log_softmax(logits.float().topk(k, dim=-1).values, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def bucket_of(entropy: float) -> str | None:
+    return next((name for name, low in BUCKETS if entropy >= low), None)
+
+
+@torch.inference_mode()
+def next_token_entropies(model, batch: list[list[int]]) -> list[list[float]]:
+    """For each sequence, entropy[t] of the proxy's prediction of token t from tokens[:t] (t ≥ 1; [0] is nan)."""
+    width = max(map(len, batch))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in batch])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+    entropy = top_k_entropy(model(input_ids=ids, attention_mask=mask).logits)
+    return [[float("nan")] + entropy[i, : len(s) - 1].tolist() for i, s in enumerate(batch)]
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
+def cut(tokenizer, ids: list[int], t: int) -> dict | None:
+    """The row for a cut before token t (question, answer, the reward's truth), or None where it is unusable."""
+    context = decode(tokenizer, ids[:t])
+    if context.endswith("\ufffd"):  # inside a character
+        return None
+    continuation, boundaries = "", []
+    for end in range(t + 1, min(t + NEXT_TOKENS, len(ids)) + 1):
+        text = decode(tokenizer, ids[t:end])
+        if not text.endswith("\ufffd"):  # a boundary inside a character is out of any prediction's reach
+            continuation, boundaries = text, boundaries + [len(text.encode())]
+    if not boundaries:
+        return None
+    answer = continuation.encode()[: boundaries[0]].decode()
+    if not answer.strip():
+        return None
+    return {
+        "question": PROMPT.format(context=context),
+        "answer": answer,
+        "metadata": {"continuation": continuation, "boundaries": boundaries},
+    }
+
+
+def candidates(entropies: list[float]) -> dict[str, list[int]]:
+    """bucket → the cut positions t (MIN_CONTEXT ≤ t < len) whose next-token entropy falls in it."""
+    out: dict[str, list[int]] = {}
+    for t in range(MIN_CONTEXT, len(entropies)):
+        bucket = bucket_of(entropies[t])
+        if bucket:
+            out.setdefault(bucket, []).append(t)
+    return out
+
+
+def scored_paragraphs(model, tokenizer, paragraphs, batch_size: int) -> Iterator[tuple[str, list[int], list[float]]]:
+    """(topic, token ids, entropies) per paragraph; the proxy runs one batch at a time, as they are consumed."""
+    for start in range(0, len(paragraphs), batch_size):
+        chunk = paragraphs[start : start + batch_size]
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_TOKENS] for _, text in chunk]
+        for (topic, _), seq, entropy in zip(chunk, ids, next_token_entropies(model, ids)):
+            yield topic, seq, entropy
+
+
+def split_topics(topics: dict[str, list[str]], sizes: dict[str, int], rng: random.Random) -> dict[str, list[str]]:
+    """split → its topics: shuffled topics go to eval until it holds its share of the paragraphs, the rest to train."""
+    order = sorted(topics)
+    rng.shuffle(order)
+    share = sizes["eval"] / (sizes["eval"] + sizes["train"]) * sum(map(len, topics.values()))
+    n = taken = 0
+    while n < len(order) and taken < share:
+        taken += len(topics[order[n]])
+        n += 1
+    return {"eval": order[:n], "train": order[n:]}
+
+
+def interleave(topics: dict[str, list[str]], names: list[str]) -> list[tuple[str, str]]:
+    """(topic, paragraph), round-robin over the topics: the first paragraph of each, then the second, …"""
+    longest = max((len(topics[name]) for name in names), default=0)
+    return [(name, topics[name][i]) for i in range(longest) for name in names if i < len(topics[name])]
+
+
+def build(model, tokenizer, sizes: dict[str, int], seed: int, batch_size: int = 16) -> dict[str, list[dict]]:
+    """split → rows: sizes[split] positions (fewer if its topics run out), spread evenly over the buckets,
+    at most one per bucket per paragraph."""
+    rng = random.Random(seed)
+    topics = corpus()
+    rows: dict[str, list[dict]] = {}
+    for split, names in split_topics(topics, sizes, rng).items():
+        quota = {b: sizes[split] // len(BUCKETS) + (i < sizes[split] % len(BUCKETS)) for i, (b, _) in enumerate(BUCKETS)}
+        rows[split] = []
+        for topic, ids, entropies in scored_paragraphs(model, tokenizer, interleave(topics, names), batch_size):
+            for bucket, positions in candidates(entropies).items():
+                rng.shuffle(positions)
+                for t in positions if quota[bucket] else ():
+                    row = cut(tokenizer, ids, t)
+                    if row:
+                        row["metadata"] |= {"bucket": bucket, "entropy": round(entropies[t], 4), "topic": topic, "position": t}
+                        rows[split].append(row)
+                        quota[bucket] -= 1
+                        break
+            if not any(quota.values()):
+                break
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rlcore.config import ConfigError
+    from rlcore.models import load_model, load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m rlcore.rpt", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="data/rpt", help="directory for train.jsonl and eval.jsonl (default: data/rpt)")
+    parser.add_argument("--proxy", default="zoo:smollm2-135m-instruct", help="entropy model: HF directory, hub id, zoo:NAME or embedded:NAME")
+    parser.add_argument("--train", type=int, default=300, help="training positions (default: 300)")
+    parser.add_argument("--eval", type=int, default=90, help="held-out positions (default: 90)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16, help="paragraphs per proxy forward pass (default: 16)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="proxy dtype (default: bfloat16, as configs/model/smollm2_135m.yaml; ~2x faster on CPUs with bf16)")
+    args = parser.parse_args(argv)
+    for name in ("train", "eval", "batch_size"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
+    started = time.time()
+    try:
+        tokenizer, model = load_tokenizer(args.proxy), load_model(args.proxy, args.dtype).eval()
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {str(e).replace('model.path', '--proxy')}\n")
+    sizes = {"train": args.train, "eval": args.eval}
+    rows = build(model, tokenizer, sizes, args.seed, args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "eval"):
+        path = out / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[split]))
+        counts = Counter(r["metadata"]["bucket"] for r in rows[split])
+        short = f"; the corpus ran out before {sizes[split]}" if len(rows[split]) < sizes[split] else ""
+        print(f"{path}: {len(rows[split])} positions ({', '.join(f'{b} {counts[b]}' for b, _ in reversed(BUCKETS))}){short}")
+    print(f"{time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
