@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file for throwaway local clusters
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -45,3 +46,13 @@ FAST = [
     "trainer.prompts_per_step=4", "algorithm.samples_per_prompt=4", "logger.wandb=false", "logger.progress=false",
     "reward.num_workers=1",
 ]
+
+
+def random_groups(seed, n_groups=5, k=4):
+    """Rewards, lengths and group ids of n_groups groups of k, shuffled (groups need not be contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randint(0, 2, (n_groups * k,), generator=g).float() + torch.rand(n_groups * k, generator=g)
+    lengths = torch.randint(1, 40, (n_groups * k,), generator=g).float()
+    groups = torch.arange(n_groups).repeat_interleave(k)
+    perm = torch.randperm(n_groups * k, generator=g)  # groups need not be contiguous
+    return rewards[perm], lengths[perm], groups[perm]

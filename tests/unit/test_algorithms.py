@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import random_groups
 from tensordict import TensorDict
 
 from rlcore.algorithm import LossNorm, aggregate, build_algorithm, kl_estimate, ppo_clip
@@ -32,15 +33,6 @@ def opo_loop(rewards, lengths, groups):
         baseline = sum(lengths[j] * rewards[j] for j in idx) / sum(lengths[j] for j in idx)
         out.append(r - baseline)
     return out
-
-
-def random_groups(seed, n_groups=5, k=4):
-    g = torch.Generator().manual_seed(seed)
-    rewards = torch.randint(0, 2, (n_groups * k,), generator=g).float() + torch.rand(n_groups * k, generator=g)
-    lengths = torch.randint(1, 40, (n_groups * k,), generator=g).float()
-    groups = torch.arange(n_groups).repeat_interleave(k)
-    perm = torch.randperm(n_groups * k, generator=g)  # groups need not be contiguous
-    return rewards[perm], lengths[perm], groups[perm]
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, random_groups
 from tensordict import TensorDict
 
 from rlcore.algorithm import ALGORITHMS, LossNorm, build_algorithm, truncated_is_weights
@@ -19,15 +19,6 @@ from rlcore.config import ConfigError, validate_train
 from rlcore.data import Prompt
 from rlcore.dynamic_sampling import refill_groups
 from rlcore.rewards.length import overlong_penalty  # checked against a loop in test_length_rewards
-
-
-def random_groups(seed, n_groups=5, k=4):
-    g = torch.Generator().manual_seed(seed)
-    rewards = torch.randint(0, 2, (n_groups * k,), generator=g).float() + torch.rand(n_groups * k, generator=g)
-    lengths = torch.randint(1, 40, (n_groups * k,), generator=g).float()
-    groups = torch.arange(n_groups).repeat_interleave(k)
-    perm = torch.randperm(n_groups * k, generator=g)  # groups need not be contiguous
-    return rewards[perm], lengths[perm], groups[perm]
 
 
 def batch_of(**tensors):
