@@ -87,7 +87,7 @@ class SparseConfig:
     # gate probability exceeds threshold (SPEC: 2e-3..6e-3). The newest block is always kept.
     budget_tokens: int = 256
     threshold: float = 0.0
-    # seer: gate weights; empty = seer_gates.safetensors beside the model.
+    # seer: gate weights; empty = seer/gates.safetensors in the model folder.
     gate_path: str = ""
 
 
@@ -267,7 +267,7 @@ class SeerDistillSettings:
     # Held-out block recall: sequences, and the token budget (budget // block_size blocks).
     eval_sequences: int = 8
     eval_budget_tokens: int = 256
-    # Gate file: `auto` = seer_gates.safetensors beside the model if writable, else in the run dir.
+    # Gate file: `auto` = seer/gates.safetensors in the model folder if writable, else in the run dir.
     output: str = "auto"
 
 

@@ -1,4 +1,6 @@
-"""Rollout engine on transformers' `generate` (batched, KV cache): the CPU backend.
+"""Rollout engine on a transformers model: the CPU backend. Generation is rlcore.rollout.decode's
+loop over the model's own forward and cache (batched, KV cache, shared prefill, finished rows
+dropped).
 
 With rollout.sparse.method ≠ none, decode steps are block-sparse (rlcore.sparse) and
 generation runs rlcore.sparse.generate's loop, one prompt's samples per batch; scoring stays
@@ -10,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from rlcore.models import load_model, load_tokenizer, response_logprobs
-from rlcore.rollout.engine import Completion, RolloutEngine, SamplingParams, completions
+from rlcore.rollout import decode
+from rlcore.rollout.engine import Completion, RolloutEngine, SamplingParams
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -30,42 +33,16 @@ class HFRolloutEngine(RolloutEngine):
         eos = eos if isinstance(eos, list) else [eos]
         return [i for i in eos + [self.tokenizer.eos_token_id] if i is not None]
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Completion]]:
+        torch.manual_seed(sampling.seed)
         if self.sparse is not None:
             return self._generate_sparse(prompts, sampling)
-        pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        rows = [p for p in prompts for _ in range(sampling.n)]
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-        greedy = sampling.temperature == 0
-        torch.manual_seed(sampling.seed)
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None,
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=pad,
-            use_cache=True,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        new_tokens = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1).float() / (1.0 if greedy else sampling.temperature)
-        logp = torch.log_softmax(logits, -1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        rows = completions(new_tokens.tolist(), logp.tolist(), self.eos_ids)
-        return [rows[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
+        return decode.generate(self.model, prompts, sampling, self.eos_ids, self.tokenizer.pad_token_id)
 
     def _generate_sparse(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Completion]]:
         """One batch per prompt length: sparse decoding takes no padding."""
         from rlcore.sparse.generate import sparse_generate
 
-        torch.manual_seed(sampling.seed)
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_length.setdefault(len(p), []).append(i)

@@ -96,12 +96,17 @@ def install_from_config(model, cfg, model_path: str) -> SparseDecoding:
     return install(model, selector)
 
 
+# Where gates live in a model folder (and in a run folder): a subfolder, because vLLM loads
+# every top-level *.safetensors of a model folder as model weights.
+GATES_FILE = Path("seer") / "gates.safetensors"
+
+
 def gate_file(cfg, model_path: str) -> Path:
-    """rollout.sparse.gate_path, or seer_gates.safetensors beside the model (where
+    """rollout.sparse.gate_path, or seer/gates.safetensors in the model folder (where
     `rlcore sft recipe=seer_gate_distill` writes it)."""
     from rlcore.models import resolve_model_path
 
-    return Path(cfg.gate_path) if cfg.gate_path else Path(resolve_model_path(model_path)) / "seer_gates.safetensors"
+    return Path(cfg.gate_path) if cfg.gate_path else Path(resolve_model_path(model_path)) / GATES_FILE
 
 
 @contextlib.contextmanager

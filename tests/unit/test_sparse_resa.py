@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlcore.rollout.engine import SamplingParams
 from rlcore.sparse.attention import dense, install
-from rlcore.sparse.generate import preallocated_cache, rectify, sparse_generate
+from rlcore.rollout.decode import preallocated_cache
+from rlcore.sparse.generate import rectify, sparse_generate
 from rlcore.sparse.resa import ReSASelector
 
 
