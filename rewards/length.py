@@ -75,5 +75,5 @@ def soft_overlong(sample: Sample, max_tokens: int = 20480, buffer: int = 4096) -
 def l1_length(sample: Sample, alpha: float = 1 / 3000) -> float:
     """−alpha·|n_target − n_y|, n_target = metadata["target_length"] (tokens)."""
     if "target_length" not in sample.metadata:
-        raise KeyError("l1_length needs metadata['target_length'] on every prompt (data.target_length)")
+        raise KeyError("l1_length needs metadata['target_length'] on every prompt (set data.target_length.choices)")
     return -alpha * abs(int(sample.metadata["target_length"]) - sample.num_tokens)

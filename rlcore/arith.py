@@ -9,11 +9,18 @@ the first adds the carry; the last column writes its whole sum):
 Writing whole partial sums ("814+707=1521") did not learn at this model size;
 per-digit columns did (shared/NOTES-platform.md).
 
-A verbose variant (for the length-reward recipes) repeats the working as a re-check on
-a fixed share of the problems, chosen by a hash of the question so that it is the same
-in every run:
+Two verbose variants for the length-reward recipes, each on a fixed share of the problems
+(chosen by a hash of the question, so the same in every run). The re-check repeats the
+working and the answer follows the copy, so a slip in the copy changes the answer: under
+sampling this extra length costs accuracy (RL without a length term drops it too):
 
     <think>4+7+5=16, 1+0+6+1=8, 8+7+9+0=24; check: 4+7+5=16, 1+0+6+1=8, 8+7+9+0=24</think> \\boxed{2486}
+
+The afterword adds a fixed sentence after the answer — extra length that cannot change the
+answer (math-verify reads the last \\boxed{}), so only a length reward has a reason to
+remove it:
+
+    <think>4+7+5=16, 1+0+6+1=8, 8+7+9+0=24</think> \\boxed{2486} Done, the answer is final.
 """
 
 from __future__ import annotations
@@ -44,10 +51,20 @@ def column_addition_completion(prompt: Prompt, recheck: bool = False) -> str:
     return f"<think>{working}</think> \\boxed{{{sum(terms)}}}"
 
 
-RECHECK_SHARE = 0.7
+VERBOSE_SHARE = 0.7
+AFTERWORD = " Done, the answer is final."  # 27 tokens of the embedded tokenizer
+
+
+def verbose_question(prompt: Prompt) -> bool:
+    """True on VERBOSE_SHARE of the questions, fixed per question by a hash of its text."""
+    return zlib.crc32(prompt.text.encode()) % 1000 < VERBOSE_SHARE * 1000
 
 
 def column_addition_completion_verbose(prompt: Prompt) -> str:
-    """The working with a re-check on RECHECK_SHARE of the questions (fixed per question)."""
-    recheck = zlib.crc32(prompt.text.encode()) % 1000 < RECHECK_SHARE * 1000
-    return column_addition_completion(prompt, recheck)
+    """The working with a re-check on the verbose questions."""
+    return column_addition_completion(prompt, recheck=verbose_question(prompt))
+
+
+def column_addition_completion_afterword(prompt: Prompt) -> str:
+    """The concise working, and AFTERWORD after the answer on the verbose questions."""
+    return column_addition_completion(prompt) + (AFTERWORD if verbose_question(prompt) else "")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from rlcore.config import ConfigError
+
 
 def rng_state() -> dict:
     version, internal, gauss = random.getstate()
@@ -46,6 +48,18 @@ class Checkpointer:
         found = self.all()
         return found[-1] if found else None
 
+    def resume_point(self, resume: str) -> Path | None:
+        """The checkpoint the `resume` setting names: none (`never`), this run's newest (`auto`;
+        none yet means a fresh start), or a step_N directory."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not (path / "trainer_state.json").exists():
+            raise ConfigError(f"resume={resume}: not a checkpoint directory (no trainer_state.json); use never, auto, or a checkpoints/step_N path")
+        return path
+
     def save(self, step: int, learner, state: dict, tokenizer_from: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step}"
@@ -61,6 +75,13 @@ class Checkpointer:
         os.replace(tmp, final)
         for old in self.all()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def publish_final(self) -> Path:
+        """The newest checkpoint's model, copied to <run_dir>/final: what the run hands on."""
+        final = self.root.parent / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(self.latest() / "model", final)
         return final
 
     @staticmethod

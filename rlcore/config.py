@@ -27,6 +27,17 @@ class ModelConfig:
 
 
 @dataclass
+class TargetLengthConfig:
+    """L1's length control (SPEC §3; reward `l1_length`): each prompt gets a target length,
+    stated in the prompt, in metadata["target_length"]. Empty `choices` = off."""
+
+    # Response lengths in tokens; each row draws one, fixed by the split's seed and its index.
+    choices: List[int] = field(default_factory=list)
+    # Appended to the question, before the template; `{target}` becomes the row's target.
+    instruction: str = "Think for about {target} tokens."
+
+
+@dataclass
 class DataConfig:
     # `reasoning_gym`: a procedural task generated offline. `hf`: a local
     # jsonl/json/parquet/csv file or a hub dataset name, loaded with `datasets`.
@@ -49,6 +60,7 @@ class DataConfig:
     max_prompt_tokens: int = 256
     # What to do with a bad row (missing field, prompt too long): `error` or `skip` (counted).
     on_invalid: str = "error"
+    target_length: TargetLengthConfig = field(default_factory=TargetLengthConfig)
 
 
 @dataclass
@@ -247,6 +259,10 @@ class SFTSettings:
     # `module:fn` turning a data row into the completion text to imitate.
     completion_fn: str = "rlcore.arith:column_addition_completion"
     eval_every: int = 100
+    # As trainer.checkpoint_every / trainer.keep_last: a checkpoint every N steps (0 = only the
+    # last step's), the newest K kept.
+    checkpoint_every: int = 50
+    keep_last: int = 2
     # Tokens to add to the tokenizer (ordinary tokens, kept in decoded text) before training, the
     # embeddings resized to match; e.g. hybrid thinking's <no_think> tags (recipes/sft_hybrid.yaml).
     add_tokens: List[str] = field(default_factory=list)
@@ -274,6 +290,8 @@ class SeerDistillSettings:
 @dataclass
 class SFTConfig(RunConfig):
     name: str = "sft"
+    # As in TrainConfig: `never`, `auto` (newest checkpoint in run_dir, if any) or a checkpoint directory.
+    resume: str = "never"
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sft: SFTSettings = field(default_factory=SFTSettings)
@@ -339,6 +357,7 @@ def validate_common(cfg) -> None:
     check_choice("data.on_invalid", cfg.data.on_invalid, ["error", "skip"])
     if cfg.data.source == "hf" and not cfg.data.path:
         raise ConfigError("data.path is empty: data.source=hf needs a local file (jsonl/json/parquet/csv) or a hub dataset name")
+    validate_target_length(cfg)
     check_choice("cluster.placement", cfg.cluster.placement, ["split", "colocated"])
     check_choice("rollout.backend", cfg.rollout.backend, ["hf", "vllm"])
     if cfg.rollout.backend == "vllm":
@@ -364,6 +383,23 @@ def validate_common(cfg) -> None:
         check_positive("reward.accuracy_gate.tau_acc", gate.tau_acc, zero_ok=True)
         if not gate.fns:
             raise ConfigError("reward.accuracy_gate.tau_acc is set but reward.accuracy_gate.fns is empty; name the length rewards it gates")
+
+
+def validate_target_length(cfg) -> None:
+    tl, longest = cfg.data.target_length, cfg.rollout.max_new_tokens
+    if any(not 0 < target <= longest for target in tl.choices):
+        raise ConfigError(f"data.target_length.choices={list(tl.choices)}: each target must be in [1, rollout.max_new_tokens={longest}] tokens")
+    if tl.choices:
+        try:
+            stated = tl.instruction.format(target=tl.choices[0])
+        except (LookupError, ValueError, AttributeError, TypeError):  # other fields, bad specs
+            stated = ""
+        if str(tl.choices[0]) not in stated:
+            raise ConfigError(f"data.target_length.instruction={tl.instruction!r} must state the target: a format string "
+                              "whose only field is {target}, e.g. 'Think for about {target} tokens.'")
+    # reasoning_gym rows never carry a target, so l1_length would fail (score 0) on every sample
+    if "l1_length" in cfg.reward.fns and not tl.choices and cfg.data.source == "reasoning_gym":
+        raise ConfigError("reward.fns has l1_length but data.target_length.choices is empty; set e.g. data.target_length.choices=[24,40,56]")
 
 
 def validate_hybrid_eval(cfg) -> None:
@@ -441,16 +477,33 @@ def validate_learner(cfg) -> None:
         raise ConfigError(f"learner.offload_params=true needs learner.zero_stage=3 (got {cfg.learner.zero_stage}): only ZeRO-3 partitions parameters")
 
 
+def validate_checkpoints(cfg, section: str) -> None:
+    """`<section>.checkpoint_every`, `<section>.keep_last` and `resume` (train: trainer, sft: sft)."""
+    check_positive(f"{section}.checkpoint_every", getattr(cfg, section).checkpoint_every, zero_ok=True)
+    check_positive(f"{section}.keep_last", getattr(cfg, section).keep_last)
+    if not cfg.resume:
+        raise ConfigError("resume is empty; use never, auto, or a checkpoint directory")
+
+
+def validate_sft(cfg) -> None:
+    """Cross-field checks for `rlcore sft`."""
+    validate_common(cfg)
+    validate_learner(cfg)
+    check_positive("sft.steps", cfg.sft.steps)
+    check_positive("sft.batch_size", cfg.sft.batch_size)
+    check_positive("sft.eval_every", cfg.sft.eval_every)
+    validate_checkpoints(cfg, "sft")
+    if cfg.sft.batch_size % cfg.learner.num_ranks:
+        raise ConfigError(f"sft.batch_size={cfg.sft.batch_size} must divide evenly over learner.num_ranks={cfg.learner.num_ranks}")
+
+
 def validate_train(cfg, algorithm) -> None:
     """Cross-field checks for `rlcore train`, after the algorithm is built."""
     validate_common(cfg)
     validate_learner(cfg)
     check_positive("trainer.steps", cfg.trainer.steps)
     check_positive("trainer.prompts_per_step", cfg.trainer.prompts_per_step)
-    check_positive("trainer.checkpoint_every", cfg.trainer.checkpoint_every, zero_ok=True)
-    check_positive("trainer.keep_last", cfg.trainer.keep_last)
-    if cfg.resume not in ("never", "auto") and not cfg.resume:
-        raise ConfigError("resume is empty; use never, auto, or a checkpoint directory")
+    validate_checkpoints(cfg, "trainer")
     batch = cfg.trainer.prompts_per_step * algorithm.samples_per_prompt
     shards = cfg.learner.num_ranks * algorithm.mini_batches
     if batch % shards:

@@ -74,16 +74,29 @@ def apply_template(tokenizer, text: str, cfg) -> list[int]:
     return list(ids)
 
 
-def build_prompts(rows: list[dict], source: str, cfg, tokenizer) -> tuple[list[Prompt], int]:
-    """Rows → Prompts, validated. Returns (prompts, number skipped)."""
+def target_length(choices: list[int], seed: int, index: int) -> int:
+    """Row `index`'s L1 target: fixed by the split's seed and the index alone, so every run over
+    the same data (a resumed one, `rlcore eval`) gives each row the same target."""
+    return random.Random(seed * 1_000_003 + index).choice(list(choices))
+
+
+def build_prompts(rows: list[dict], source: str, cfg, tokenizer, seed: int) -> tuple[list[Prompt], int]:
+    """Rows → Prompts, validated. Returns (prompts, number skipped). With data.target_length.choices,
+    each prompt's message states its target length (drawn with `seed`), which metadata carries.
+    Like the system prompt, the instruction is in token_ids only: Prompt.text stays the
+    question, which completion fns (rlcore.arith) parse."""
     prompts, skipped = [], 0
     for i, row in enumerate(rows):
-        problem = None
+        problem, metadata = None, dict(row.get("metadata") or {})
         for key in (cfg.prompt_field, cfg.answer_field):
             if row.get(key) in (None, ""):
                 problem = f"row {i}: field {key!r} is missing or empty (fields: {', '.join(row)}); set data.prompt_field / data.answer_field"
         if problem is None:
-            ids = apply_template(tokenizer, str(row[cfg.prompt_field]), cfg)
+            message = str(row[cfg.prompt_field])
+            if cfg.target_length.choices:
+                metadata["target_length"] = target_length(cfg.target_length.choices, seed, i)
+                message += " " + cfg.target_length.instruction.format(target=metadata["target_length"])
+            ids = apply_template(tokenizer, message, cfg)
             if len(ids) > cfg.max_prompt_tokens:
                 problem = f"row {i}: field {cfg.prompt_field!r} is {len(ids)} tokens, over data.max_prompt_tokens={cfg.max_prompt_tokens}"
         if problem:
@@ -97,7 +110,7 @@ def build_prompts(rows: list[dict], source: str, cfg, tokenizer) -> tuple[list[P
                 text=str(row[cfg.prompt_field]),
                 ground_truth=str(row[cfg.answer_field]),
                 token_ids=ids,
-                metadata=dict(row.get("metadata") or {}),
+                metadata=metadata,
             )
         )
     if not prompts:
@@ -125,8 +138,8 @@ def load_splits(cfg, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
                 )
             train_rows, eval_rows = train_rows[: -cfg.eval_size], train_rows[-cfg.eval_size :]
         train_src, eval_src = cfg.path, cfg.eval_path or cfg.path
-    train, _ = build_prompts(train_rows, train_src, cfg, tokenizer)
-    held_out_prompts, _ = build_prompts(eval_rows, eval_src, cfg, tokenizer)
+    train, _ = build_prompts(train_rows, train_src, cfg, tokenizer, cfg.train_seed)
+    held_out_prompts, _ = build_prompts(eval_rows, eval_src, cfg, tokenizer, cfg.eval_seed)
     return train, held_out_prompts
 
 

@@ -15,7 +15,7 @@ from rlcore.models import load_tokenizer, resolve_model_path
 from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
 from rlcore.rollout.worker import RolloutGroup
-from rlcore.trainer import evaluate
+from rlcore.trainer import greedy_metrics, greedy_responses
 
 
 def eval_command(cfg) -> dict:
@@ -29,9 +29,28 @@ def eval_command(cfg) -> dict:
         threads, _ = thread_counts(cfg.cluster, cfg.rollout.num_workers, 1)
         placement = plan_placement(cfg.cluster, cfg.rollout.num_workers, cfg.rollout.vllm.tensor_parallel_size, learner_ranks=0)
         rollout = RolloutGroup(model_path, cfg.model.dtype, cfg.rollout, cfg.cluster, longest_request(cfg), threads, placement.rollout)
-        result = {"model": cfg.model.path, "prompts": len(eval_set), **evaluate(rollout, rewards, eval_set, cfg.rollout)}
-        if cfg.hybrid.enabled:
-            result |= hybrid_evaluate(rollout, rewards, eval_set, cfg.rollout, cfg.hybrid, tag_ids)
+        result = {"model": cfg.model.path, "prompts": len(eval_set), **held_out_metrics(rollout, rewards, eval_set, cfg, tag_ids)}
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def held_out_metrics(rollout, rewards, prompts, cfg, tag_ids: dict[int, int] | None) -> dict:
+    """eval/accuracy and eval/length_mean (rlcore.trainer.greedy_metrics) and, with hybrid.enabled,
+    rlcore.hybrid_eval's metrics. The free greedy pass is generated once: with hybrid.mode=free the
+    hybrid metrics are computed from the same responses.
+
+    eval/accuracy always describes the free greedy pass (program `single`), whatever hybrid.mode
+    is: it stays comparable with training's eval/accuracy_before/after and across modes. With
+    hybrid.mode=think or no_think the forced greedy pass is a second, different pass, reported
+    only under eval/hybrid/* (the README's HGPO table takes its forced-think accuracy and length
+    from eval/hybrid/accuracy and eval/hybrid/length_mean, bench/results/hgpo_hybrid_eval.json)."""
+    free = greedy_responses(rollout, rewards, prompts, cfg.rollout)
+    metrics = greedy_metrics(free)
+    if cfg.hybrid.enabled:
+        if cfg.hybrid.mode == "free":
+            greedy = free
+        else:
+            greedy = greedy_responses(rollout, rewards, prompts, cfg.rollout, program=cfg.hybrid.mode)
+        metrics |= hybrid_evaluate(rollout, rewards, prompts, greedy, cfg.rollout, cfg.hybrid, tag_ids)
+    return metrics

@@ -2,7 +2,9 @@
 
 Greedy pass: one greedy response per prompt, the mode left to the model (hybrid.mode=free:
 the `single` program; the response's first token is the mode it chose) or forced into one
-mode (`think` / `no_think` programs: the always-think comparison). Reported for all prompts
+mode (`think` / `no_think` programs: the always-think comparison). In free mode it is the
+pass `rlcore eval` reports as eval/accuracy, handed over rather than generated again
+(rlcore.evaluate.held_out_metrics). Reported for all prompts
 and per prompt.metadata["difficulty"] (rlcore.arith_mix: easy|hard):
 eval/hybrid/{think_share,no_think_share,accuracy,length_mean}[/<difficulty>]. A response
 opening with neither tag counts in neither share.
@@ -16,23 +18,12 @@ share of prompts whose greedy free choice is the right mode: eval/hacc[/<difficu
 
 from __future__ import annotations
 
-from collections import defaultdict
 from statistics import mean
 
 from rlcore.batch import Trajectory
 from rlcore.hybrid import NO_THINK, THINK, response_mode
+from rlcore.metrics import means_by_label
 from rlcore.rollout.engine import SamplingParams
-
-
-def bucket_means(name: str, values: list[float], difficulties: list) -> dict[str, float]:
-    """{name: mean over all prompts, name/<d>: mean over the prompts of difficulty d}; prompts
-    whose difficulty is not a label (reasoning-gym's own record is a dict) count in `name` only."""
-    buckets = defaultdict(list)
-    for value, difficulty in zip(values, difficulties):
-        buckets[name].append(float(value))
-        if isinstance(difficulty, str):
-            buckets[f"{name}/{difficulty}"].append(float(value))
-    return {key: mean(vs) for key, vs in buckets.items()}
 
 
 def right_modes(forced: list[Trajectory], num_prompts: int, tie_margin: float) -> list[int]:
@@ -53,20 +44,18 @@ def right_modes(forced: list[Trajectory], num_prompts: int, tie_margin: float) -
     return out
 
 
-def hybrid_evaluate(rollout, rewards, prompts, rollout_cfg, settings, tag_ids: dict[int, int]) -> dict[str, float]:
-    """The metrics of the module docstring. settings: rlcore.config.HybridEvalSettings;
+def hybrid_evaluate(rollout, rewards, prompts, greedy: list[Trajectory], rollout_cfg, settings,
+                    tag_ids: dict[int, int]) -> dict[str, float]:
+    """The metrics of the module docstring. greedy: the greedy pass in settings.mode, scored, in
+    prompt order (rlcore.trainer.greedy_responses); settings: rlcore.config.HybridEvalSettings;
     tag_ids: rlcore.hybrid.mode_tag_ids of the model's tokenizer."""
-    greedy = SamplingParams(n=1, max_new_tokens=rollout_cfg.eval_max_new_tokens, temperature=0.0)
-    responses = rollout.generate(prompts, "single" if settings.mode == "free" else settings.mode, greedy)
-    rewards.score(responses, train=False)
-    responses.sort(key=lambda t: t.group_id)  # one per prompt, in prompt order
-    chosen = [response_mode(t.response_ids, tag_ids) for t in responses]
+    chosen = [response_mode(t.response_ids, tag_ids) for t in greedy]
     difficulties = [p.metadata.get("difficulty") for p in prompts]
     metrics = {
-        **bucket_means("eval/hybrid/think_share", [c == THINK for c in chosen], difficulties),
-        **bucket_means("eval/hybrid/no_think_share", [c == NO_THINK for c in chosen], difficulties),
-        **bucket_means("eval/hybrid/accuracy", [t.accuracy for t in responses], difficulties),
-        **bucket_means("eval/hybrid/length_mean", [len(t.response_ids) for t in responses], difficulties),
+        **means_by_label("eval/hybrid/think_share", [c == THINK for c in chosen], difficulties),
+        **means_by_label("eval/hybrid/no_think_share", [c == NO_THINK for c in chosen], difficulties),
+        **means_by_label("eval/hybrid/accuracy", [t.accuracy for t in greedy], difficulties),
+        **means_by_label("eval/hybrid/length_mean", [len(t.response_ids) for t in greedy], difficulties),
     }
     if settings.mode == "free":
         sampling = SamplingParams(n=2 * settings.samples_per_mode, max_new_tokens=rollout_cfg.eval_max_new_tokens,
@@ -74,5 +63,5 @@ def hybrid_evaluate(rollout, rewards, prompts, rollout_cfg, settings, tag_ids: d
         forced = rollout.generate(prompts, "hybrid", sampling)
         rewards.score(forced, train=False)
         right = right_modes(forced, len(prompts), settings.tie_margin)
-        metrics |= bucket_means("eval/hacc", [c == r for c, r in zip(chosen, right)], difficulties)
+        metrics |= means_by_label("eval/hacc", [c == r for c, r in zip(chosen, right)], difficulties)
     return metrics

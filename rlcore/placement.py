@@ -27,6 +27,11 @@ class Placement:
     group: object = None  # the Ray placement group holding the GPUs (None without GPUs)
 
 
+def cpu_options(cluster_cfg, actors: int) -> list[dict]:
+    """Ray options of `actors` actors on a cluster without GPUs: cluster.cpus_per_actor CPUs each."""
+    return [{"num_cpus": cluster_cfg.cpus_per_actor}] * actors
+
+
 def plan_placement(cluster_cfg, rollout_workers: int, tensor_parallel: int, learner_ranks: int, timeout_s: float = 600) -> Placement:
     import ray
     from ray.util.placement_group import placement_group
@@ -35,7 +40,7 @@ def plan_placement(cluster_cfg, rollout_workers: int, tensor_parallel: int, lear
     cpus = cluster_cfg.cpus_per_actor
     gpus = ray.cluster_resources().get("GPU", 0)
     if not gpus:
-        return Placement([{"num_cpus": cpus}] * rollout_workers, [{"num_cpus": cpus}] * learner_ranks)
+        return Placement(cpu_options(cluster_cfg, rollout_workers), cpu_options(cluster_cfg, learner_ranks))
 
     if cluster_cfg.placement == "split" or not learner_ranks:  # nothing to share with (rlcore eval)
         bundles = [{"GPU": tensor_parallel, "CPU": cpus}] * rollout_workers + [{"GPU": 1, "CPU": cpus}] * learner_ranks

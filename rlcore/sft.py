@@ -5,12 +5,13 @@ The loss is completion-only NLL (token mean over the batch). With
 a fresh Llama-architecture model; that is how the embedded default model
 (rlcore/assets/arith-3m) was made. `sft.add_tokens` adds tokens to the tokenizer and
 resizes the embeddings first (the hybrid-thinking cold start adds its <no_think> tags).
+Checkpoints and `resume` work as in `rlcore train` (rlcore.checkpoint), every
+`sft.checkpoint_every` steps, the newest `sft.keep_last` kept.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +20,14 @@ from omegaconf import OmegaConf
 
 from rlcore.algorithm import LossNorm, aggregate
 from rlcore.batch import Trajectory, build_batch
-from rlcore.cluster import ray_session, thread_counts
-from rlcore.config import ConfigError, import_function, longest_request, validate_common, validate_learner
+from rlcore.checkpoint import Checkpointer
+from rlcore.cluster import ray_session
+from rlcore.config import ConfigError, import_function, validate_sft
 from rlcore.data import Prompt, PromptSampler, load_splits, reasoning_gym_rows
-from rlcore.learner.group import LearnerGroup
 from rlcore.logging import PeakMemory, RunLogger, StepTimer
 from rlcore.models import load_model, load_tokenizer, resolve_model_path
-from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
-from rlcore.rollout.worker import RolloutGroup
-from rlcore.trainer import evaluate
+from rlcore.trainer import evaluate, start_actors
 
 SPECIAL_TOKENS = ["<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Ordinary (not special) tokens, so decoded responses keep them for the format reward.
@@ -94,10 +93,53 @@ def with_added_tokens(model_path: str, tokens: list[str], out_dir: Path) -> str:
 
 
 def sft(cfg) -> dict:
-    validate_common(cfg)
-    validate_learner(cfg)
+    validate_sft(cfg)
     run_dir = Path(cfg.run_dir)
+    checkpoints = Checkpointer(run_dir, cfg.sft.checkpoint_every, cfg.sft.keep_last)
+    resume_from = checkpoints.resume_point(cfg.resume)
     completion_of = import_function(cfg.sft.completion_fn, "sft.completion_fn")
+    model_path = starting_model(cfg, completion_of, run_dir)
+    tokenizer = load_tokenizer(model_path)
+    train_set, eval_set = load_splits(cfg.data, tokenizer)
+    sampler = PromptSampler(len(train_set), cfg.seed)
+    state = {"step": 0}
+    if resume_from:  # after starting_model: a scratch model's init draws from the RNG this restores
+        state = Checkpointer.load_state(resume_from)
+        sampler.load_state_dict(state["sampler"])
+    policy_path = str(resume_from / "model") if resume_from else model_path
+    steps, started, metrics = cfg.sft.steps, time.time(), {}
+    with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
+        rollout, learner = start_actors(cfg, policy_path, ref_path=None, temperature=1.0, batch_size=cfg.sft.batch_size,
+                                        mini_batches=1, total_optimizer_steps=steps, seed=cfg.seed)
+        if resume_from:
+            learner.load_optimizer(str(resume_from))
+        log = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), cfg.name, state["step"], steps)
+        if resume_from:
+            log.write(f"resumed from {resume_from} (step {state['step']})")
+        objective = CompletionNLL()
+        for step in range(state["step"] + 1, steps + 1):
+            timer = StepTimer()
+            prompts = [train_set[i] for i in sampler.take(cfg.sft.batch_size)]
+            batch = build_batch([demonstration(p, completion_of(p), tokenizer) for p in prompts], tokenizer.pad_token_id)
+            with timer("update"):
+                metrics = learner.update(batch, objective)
+            metrics |= timer.metrics(tokens=float(batch["response_mask"].sum()))
+            if step % cfg.sft.eval_every == 0 or step == steps:
+                rollout.load_weights(learner.export_weights())
+                metrics |= evaluate(rollout, rewards, eval_set, cfg.rollout)
+                log.write(f"step {step}: held-out accuracy {metrics['eval/accuracy']:.1%}")
+            log.log(step, metrics)
+            if checkpoints.due(step, steps):
+                checkpoints.save(step, learner, {"sampler": sampler.state_dict()}, model_path)
+        log.close()
+    summary = {"steps": steps, "eval/accuracy": metrics.get("eval/accuracy"), "final_model": str(checkpoints.publish_final()),
+               "wall_time_s": round(time.time() - started, 1), "peak_memory_gib": round(memory.peak_gib, 2)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def starting_model(cfg, completion_of, run_dir: Path) -> str:
+    """The model SFT starts from: model.path, or a fresh one (sft.from_scratch), with sft.add_tokens added."""
     if cfg.sft.from_scratch:
         rows = reasoning_gym_rows(cfg.data.task, 2000, cfg.data.train_seed, dict(cfg.data.task_args))
         texts = [r["question"] + " " + completion_of(Prompt("", r["question"], r["answer"], metadata=r["metadata"])) for r in rows]
@@ -106,45 +148,7 @@ def sft(cfg) -> dict:
         model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
     if cfg.sft.add_tokens:
         model_path = with_added_tokens(model_path, list(cfg.sft.add_tokens), run_dir / "init")
-    tokenizer = load_tokenizer(model_path)
-    train_set, eval_set = load_splits(cfg.data, tokenizer)
-    sampler = PromptSampler(len(train_set), cfg.seed)
-    started = time.time()
-    with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
-        rollout_threads, learner_threads = thread_counts(cfg.cluster, cfg.rollout.num_workers, cfg.learner.num_ranks)
-        placement = plan_placement(cfg.cluster, cfg.rollout.num_workers, cfg.rollout.vllm.tensor_parallel_size, cfg.learner.num_ranks)
-        rollout = RolloutGroup(
-            model_path, cfg.model.dtype, cfg.rollout, cfg.cluster, longest_request(cfg), rollout_threads, placement.rollout
-        )
-        learner = LearnerGroup(
-            model_path=model_path, ref_path=None, dtype=cfg.model.dtype, learner_cfg=cfg.learner, cluster_cfg=cfg.cluster,
-            threads=learner_threads, temperature=1.0, batch_size=cfg.sft.batch_size, mini_batches=1,
-            total_optimizer_steps=cfg.sft.steps, seed=cfg.seed, actor_options=placement.learner,
-        )
-        log = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), cfg.name, 0, cfg.sft.steps)
-        objective = CompletionNLL()
-        for step in range(1, cfg.sft.steps + 1):
-            timer = StepTimer()
-            prompts = [train_set[i] for i in sampler.take(cfg.sft.batch_size)]
-            batch = build_batch([demonstration(p, completion_of(p), tokenizer) for p in prompts], tokenizer.pad_token_id)
-            with timer("update"):
-                metrics = learner.update(batch, objective)
-            metrics |= timer.metrics(tokens=float(batch["response_mask"].sum()))
-            if step % cfg.sft.eval_every == 0 or step == cfg.sft.steps:
-                rollout.load_weights(learner.export_weights())
-                metrics |= evaluate(rollout, rewards, eval_set, cfg.rollout)
-                log.write(f"step {step}: held-out accuracy {metrics['eval/accuracy']:.1%}")
-            log.log(step, metrics)
-        learner.save(str(run_dir / "last"), model_path)
-        log.close()
-    final = run_dir / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.move(str(run_dir / "last" / "model"), final)
-    shutil.rmtree(run_dir / "last")
-    summary = {"steps": cfg.sft.steps, "eval/accuracy": metrics.get("eval/accuracy"), "final_model": str(final),
-               "wall_time_s": round(time.time() - started, 1), "peak_memory_gib": round(memory.peak_gib, 2)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return model_path
 
 
 def demonstration(prompt, completion: str, tokenizer) -> Trajectory:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
+from statistics import mean
 from omegaconf import OmegaConf
 
 from rlcore.algorithm import build_algorithm
@@ -19,10 +19,11 @@ from rlcore.batch import Trajectory, build_batch
 from rlcore.checkpoint import Checkpointer
 from rlcore.dynamic_sampling import refill_groups
 from rlcore.cluster import ray_session, thread_counts
-from rlcore.config import ConfigError, longest_request, validate_train
+from rlcore.config import longest_request, validate_train
 from rlcore.data import PromptSampler, load_splits
 from rlcore.learner.group import LearnerGroup
 from rlcore.logging import PeakMemory, RunLogger, StepTimer
+from rlcore.metrics import means_by_label
 from rlcore.models import load_tokenizer, resolve_model_path
 from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
@@ -36,7 +37,7 @@ def train(cfg) -> dict:
     validate_train(cfg, algorithm)
     run_dir = Path(cfg.run_dir)
     checkpoints = Checkpointer(run_dir, cfg.trainer.checkpoint_every, cfg.trainer.keep_last)
-    resume_from = find_resume(cfg.resume, checkpoints)
+    resume_from = checkpoints.resume_point(cfg.resume)
     model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
     tokenizer = load_tokenizer(model_path)
     check_program(algorithm.program, tokenizer)
@@ -51,7 +52,7 @@ def train(cfg) -> dict:
     steps, started = cfg.trainer.steps, time.time()
 
     with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
-        rollout, learner = start_actors(cfg, algorithm, policy_path, reference_path=model_path if algorithm.needs_reference else None)
+        rollout, learner = start_actors(cfg, policy_path, **rl_learner_settings(cfg, algorithm, model_path))
         if resume_from:
             learner.load_optimizer(str(resume_from))
             rewards.load_state_dict(state["reward"])
@@ -103,10 +104,8 @@ def train(cfg) -> dict:
             summary |= {"eval/accuracy_after": after["eval/accuracy"], "eval/length_after": after["eval/length_mean"]}
             log.write(f"held-out accuracy after training:  {after['eval/accuracy']:.1%} (before: {fmt_pct(state['accuracy_before'])})")
         log.close()
-    final = run_dir / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(checkpoints.latest() / "model", final)
-    summary |= {"final_model": str(final), "wall_time_s": round(time.time() - started, 1), "peak_memory_gib": round(memory.peak_gib, 2)}
+    summary |= {"final_model": str(checkpoints.publish_final()), "wall_time_s": round(time.time() - started, 1),
+                "peak_memory_gib": round(memory.peak_gib, 2)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -120,50 +119,53 @@ def generate_and_score(rollout, rewards, program: str, sampling: SamplingParams,
     return trajectories, metrics
 
 
-def start_actors(cfg, algorithm, policy_path: str, reference_path: str | None) -> tuple[RolloutGroup, LearnerGroup]:
-    """Rollout workers first (vLLM sizes its memory from what is free), then learner ranks."""
+def start_actors(cfg, policy_path: str, **learner_settings) -> tuple[RolloutGroup, LearnerGroup]:
+    """Rollout workers, then learner ranks, both on policy_path, where plan_placement puts them,
+    with thread_counts' threads; `rlcore train` and `rlcore sft` start theirs here. Rollout first:
+    vLLM sizes its memory from what is free. `learner_settings`: the rest of LearnerGroup's
+    arguments, which differ by command (ref_path, temperature, batch_size, mini_batches,
+    total_optimizer_steps, seed)."""
     rollout_threads, learner_threads = thread_counts(cfg.cluster, cfg.rollout.num_workers, cfg.learner.num_ranks)
     placement = plan_placement(cfg.cluster, cfg.rollout.num_workers, cfg.rollout.vllm.tensor_parallel_size, cfg.learner.num_ranks)
     rollout = RolloutGroup(
         policy_path, cfg.model.dtype, cfg.rollout, cfg.cluster, longest_request(cfg), rollout_threads, placement.rollout
     )
     learner = LearnerGroup(
-        model_path=policy_path, ref_path=reference_path, dtype=cfg.model.dtype, learner_cfg=cfg.learner,
-        cluster_cfg=cfg.cluster, threads=learner_threads, temperature=cfg.rollout.temperature,
-        batch_size=cfg.trainer.prompts_per_step * algorithm.samples_per_prompt, mini_batches=algorithm.mini_batches,
-        total_optimizer_steps=cfg.trainer.steps * algorithm.mini_batches * algorithm.epochs, seed=cfg.trainer.seed,
-        actor_options=placement.learner,
+        model_path=policy_path, dtype=cfg.model.dtype, learner_cfg=cfg.learner, cluster_cfg=cfg.cluster,
+        threads=learner_threads, actor_options=placement.learner, **learner_settings,
     )
     return rollout, learner
 
 
-def find_resume(resume: str, checkpoints: Checkpointer) -> Path | None:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return checkpoints.latest()
-    path = Path(resume)
-    if not (path / "trainer_state.json").exists():
-        raise ConfigError(f"resume={resume}: not a checkpoint directory (no trainer_state.json); use never, auto, or a checkpoints/step_N path")
-    return path
+def rl_learner_settings(cfg, algorithm, model_path: str) -> dict:
+    """start_actors' learner settings for `rlcore train`: the reference (the starting model)
+    when the algorithm needs one, and a schedule of steps × mini-batches × epochs optimizer steps."""
+    return dict(
+        ref_path=model_path if algorithm.needs_reference else None, temperature=cfg.rollout.temperature,
+        batch_size=cfg.trainer.prompts_per_step * algorithm.samples_per_prompt, mini_batches=algorithm.mini_batches,
+        total_optimizer_steps=cfg.trainer.steps * algorithm.mini_batches * algorithm.epochs, seed=cfg.trainer.seed,
+    )
 
 
 def evaluate(rollout, rewards, prompts, rollout_cfg) -> dict:
     """Greedy held-out accuracy (one sample per prompt), per bucket too, and mean response length."""
+    return greedy_metrics(greedy_responses(rollout, rewards, prompts, rollout_cfg))
+
+
+def greedy_responses(rollout, rewards, prompts, rollout_cfg, program: str = "single") -> list[Trajectory]:
+    """One greedy response per prompt from `program`, scored (the accuracy gate left alone), in prompt order."""
     greedy = SamplingParams(n=1, max_new_tokens=rollout_cfg.eval_max_new_tokens, temperature=0.0)
-    trajectories = rollout.generate(prompts, "single", greedy)
-    scores = rewards.score(trajectories, train=False)
-    lengths = [len(t.response_ids) for t in trajectories]
-    return {"eval/accuracy": scores["accuracy"], "eval/length_mean": sum(lengths) / len(lengths)} | accuracy_by_bucket(trajectories)
+    responses = rollout.generate(prompts, program, greedy)
+    rewards.score(responses, train=False)
+    return sorted(responses, key=lambda t: t.group_id)
 
 
-def accuracy_by_bucket(trajectories) -> dict:
-    """`eval/accuracy/<bucket>` for prompts whose metadata names a bucket (RPT's entropy buckets, rlcore.rpt)."""
-    buckets: dict[str, list[float]] = {}
-    for t in trajectories:
-        if "bucket" in t.prompt.metadata:
-            buckets.setdefault(t.prompt.metadata["bucket"], []).append(t.accuracy)
-    return {f"eval/accuracy/{name}": sum(acc) / len(acc) for name, acc in sorted(buckets.items())}
+def greedy_metrics(responses: list[Trajectory]) -> dict:
+    """eval/accuracy, eval/accuracy/<bucket> for prompts whose metadata names a bucket (RPT's
+    entropy buckets, rlcore.rpt), and eval/length_mean."""
+    buckets = [t.prompt.metadata.get("bucket") for t in responses]
+    accuracy = means_by_label("eval/accuracy", [t.accuracy for t in responses], buckets)
+    return accuracy | {"eval/length_mean": mean(len(t.response_ids) for t in responses)}
 
 
 def response_metrics(batch, trajectories) -> dict:

@@ -1,7 +1,10 @@
 """Shared fixtures. Everything runs on CPU; Ray starts its own local instance per test module."""
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -56,3 +59,28 @@ def random_groups(seed, n_groups=5, k=4):
     groups = torch.arange(n_groups).repeat_interleave(k)
     perm = torch.randperm(n_groups * k, generator=g)  # groups need not be contiguous
     return rewards[perm], lengths[perm], groups[perm]
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """bench/<name>.py as a module, imported by file path. The scripts import their helpers as the
+    top-level module `common` (bench/ is sys.path[0] when one runs as a script); bench/common.py
+    answers to that name only while the script is imported, rather than bench/ going on sys.path,
+    where its `common` would shadow any other module of that name for the rest of the session."""
+    bench = TESTS.parent / "bench"
+    previous = sys.modules.get("common")
+    sys.modules["common"] = module_from_path("bench_common", bench / "common.py")
+    try:
+        return module_from_path(f"bench_{name}", bench / f"{name}.py")
+    finally:
+        if previous is None:
+            del sys.modules["common"]
+        else:
+            sys.modules["common"] = previous
+
+
+def module_from_path(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it, as dataclasses and pickle look modules up there
+    spec.loader.exec_module(module)
+    return module

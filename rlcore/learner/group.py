@@ -10,15 +10,16 @@ import torch
 from rlcore.algorithm import LossNorm, kl_estimate, masked_mean
 from rlcore.batch import plan_micro_batches, split_even
 from rlcore.learner.rank import LearnerRank
+from rlcore.placement import cpu_options
 
 
 class LearnerGroup:
     def __init__(self, *, model_path: str, ref_path: str | None, dtype: str, learner_cfg, cluster_cfg, threads: int,
                  temperature: float, batch_size: int, mini_batches: int, total_optimizer_steps: int, seed: int,
                  actor_options: list[dict] | None = None):
-        """`actor_options`: Ray options per rank (rlcore.placement); default: cluster.cpus_per_actor CPUs each."""
+        """`actor_options`: Ray options per rank (rlcore.placement); default: `cpu_options`, as on a cluster without GPUs."""
         n = learner_cfg.num_ranks
-        options = actor_options or [{"num_cpus": cluster_cfg.cpus_per_actor}] * n
+        options = actor_options or cpu_options(cluster_cfg, n)
         self.ranks = [ray.remote(LearnerRank).options(**o).remote(rank, n, threads) for rank, o in enumerate(options)]
         self.mini_batches = mini_batches
         self.micro_rows, self.micro_tokens = learner_cfg.micro_batch_size, learner_cfg.micro_batch_tokens

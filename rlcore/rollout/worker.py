@@ -10,6 +10,7 @@ import torch
 
 from rlcore.batch import Trajectory
 from rlcore.data import Prompt
+from rlcore.placement import cpu_options
 from rlcore.rollout.engine import SamplingParams
 from rlcore.rollout.programs import PROGRAMS
 
@@ -54,10 +55,10 @@ class RolloutGroup:
 
     def __init__(self, model_path: str, dtype: str, rollout_cfg, cluster_cfg, max_model_len: int, threads: int,
                  actor_options: list[dict] | None = None):
-        """`actor_options`: Ray options per worker (rlcore.placement); default: cluster.cpus_per_actor CPUs each."""
+        """`actor_options`: Ray options per worker (rlcore.placement); default: `cpu_options`, as on a cluster without GPUs."""
         actor = ray.remote(RolloutWorker)
         colocated = cluster_cfg.placement == "colocated"
-        options = actor_options or [{"num_cpus": cluster_cfg.cpus_per_actor}] * rollout_cfg.num_workers
+        options = actor_options or cpu_options(cluster_cfg, rollout_cfg.num_workers)
         self.workers = [
             actor.options(**o).remote(rollout_cfg, model_path, dtype, max_model_len, threads, colocated) for o in options
         ]

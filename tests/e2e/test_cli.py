@@ -113,17 +113,14 @@ def test_sparse_rollouts_train_and_show_their_cost_as_mismatch(tiny_model, tmp_p
     assert "eval/accuracy_after" in json.loads((run_dir / "summary.json").read_text())
 
 
-def test_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
-    """SIGKILL after the step-2 checkpoint, resume=auto, and the final weights equal an
-    uninterrupted run's bit for bit: sampling is seeded per step, the checkpoint holds the
-    float32 weights, the optimizer and schedule state and the sampler position exactly, and
-    the CPU kernels are deterministic at a fixed thread count."""
-    extra = ["trainer.steps=5", "trainer.checkpoint_every=2", "trainer.eval_before=false", "trainer.eval_after=false", "learner.lr=1e-3"]
-    straight = rlcore(*train_args(tiny_model, tmp_path / "straight", *extra))
+def straight_and_resumed(args_for, tmp_path: Path) -> tuple[Path, Path]:
+    """`rlcore *args_for(run_dir)` run twice: straight through, and SIGKILLed after its step-2
+    checkpoint then resumed with resume=auto. Their run dirs (straight, resumed)."""
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight = rlcore(*args_for(straight_dir))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed_dir = tmp_path / "killed"
-    process = subprocess.Popen([*RLCORE, *train_args(tiny_model, killed_dir, *extra)], start_new_session=True,
+    process = subprocess.Popen([*RLCORE, *args_for(killed_dir)], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed_dir / "checkpoints" / "step_2" / "trainer_state.json").exists():
@@ -133,15 +130,32 @@ def test_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
     process.wait()
     assert not (killed_dir / "final").exists()
 
-    resumed = rlcore(*train_args(tiny_model, killed_dir, *extra, "resume=auto"))
+    resumed = rlcore(*args_for(killed_dir), "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr + resumed.stdout
-    a, b = final_weights(tmp_path / "straight"), final_weights(killed_dir)
+    return straight_dir, killed_dir
+
+
+def assert_same_final_weights(run_a: Path, run_b: Path) -> None:
+    a, b = final_weights(run_a), final_weights(run_b)
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name] == b[name]).all(), name
-    rows = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
+    """SIGKILL after the step-2 checkpoint, resume=auto, and the final weights equal an
+    uninterrupted run's bit for bit: sampling is seeded per step, the checkpoint holds the
+    float32 weights, the optimizer and schedule state and the sampler position exactly, and
+    the CPU kernels are deterministic at a fixed thread count."""
+    extra = ["trainer.steps=5", "trainer.checkpoint_every=2", "trainer.eval_before=false", "trainer.eval_after=false", "learner.lr=1e-3"]
+    straight, resumed = straight_and_resumed(lambda run_dir: train_args(tiny_model, run_dir, *extra), tmp_path)
+    assert_same_final_weights(straight, resumed)
+    assert logged_steps(resumed) == [1, 2, 3, 4, 5]
 
 
 def ray_processes() -> set[int]:
@@ -191,13 +205,17 @@ def test_hydra_multirun_gives_each_job_its_own_run_dir(tiny_model, tmp_path):
     assert lrs == [1e-3, 2e-3]
 
 
+# Small, fast settings for `rlcore sft recipe=sft_arith` in tests.
+SFT_FAST = ["sft.batch_size=16", "learner.micro_batch_size=16", "learner.warmup_steps=0", "data.train_size=200",
+            "data.eval_size=8", "rollout.eval_max_new_tokens=8", "logger.wandb=false", "logger.progress=false",
+            "reward.num_workers=1"]
+
+
 def test_sft_from_scratch_trains_and_saves_a_loadable_model(tmp_path):
     run_dir = tmp_path / "sft"
-    result = rlcore("sft", "recipe=sft_arith", f"run_dir={run_dir}", "sft.steps=4", "sft.eval_every=4", "sft.batch_size=16",
+    result = rlcore("sft", "recipe=sft_arith", f"run_dir={run_dir}", "sft.steps=4", "sft.eval_every=4",
                     "sft.scratch.hidden_size=32", "sft.scratch.num_layers=2", "sft.scratch.num_heads=2",
-                    "sft.scratch.intermediate_size=64", "learner.micro_batch_size=16", "learner.warmup_steps=0",
-                    "data.train_size=200", "data.eval_size=8", "rollout.eval_max_new_tokens=8",
-                    "logger.wandb=false", "logger.progress=false", "reward.num_workers=1")
+                    "sft.scratch.intermediate_size=64", *SFT_FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -207,6 +225,18 @@ def test_sft_from_scratch_trains_and_saves_a_loadable_model(tmp_path):
 
     model, tokenizer = load_model(str(run_dir / "final")), load_tokenizer(str(run_dir / "final"))
     assert model.config.hidden_size == 32 and "</think>" in tokenizer.get_vocab()
+
+
+def test_sft_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
+    """As test_kill_and_resume_gives_the_same_weights, for `rlcore sft` on the tiny model: bit for
+    bit again (same reasons; SFT samples nothing). A linear LR decay and Adam make the schedule
+    and optimizer state matter, the shuffled sampler the data position."""
+    extra = ["sft.from_scratch=false", f"model.path={tiny_model}", "sft.steps=6", "sft.eval_every=6", "sft.checkpoint_every=2",
+             "learner.lr_schedule=linear", *SFT_FAST]
+    straight, resumed = straight_and_resumed(lambda run_dir: ["sft", "recipe=sft_arith", f"run_dir={run_dir}", *extra], tmp_path)
+    assert_same_final_weights(straight, resumed)
+    assert logged_steps(resumed) == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_4", "step_6"]  # sft.keep_last=2
 
 
 def test_seer_gate_distill_trains_gates_and_writes_them(tmp_path):

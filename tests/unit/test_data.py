@@ -5,7 +5,15 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from rlcore.arith import column_addition_completion, column_addition_working
+from rlcore.arith import (
+    AFTERWORD,
+    VERBOSE_SHARE,
+    column_addition_completion,
+    column_addition_completion_afterword,
+    column_addition_completion_verbose,
+    column_addition_working,
+    verbose_question,
+)
 from rlcore.config import ConfigError, DataConfig
 from rlcore.data import Prompt, PromptSampler, load_splits
 from rlcore.models import load_tokenizer
@@ -96,3 +104,19 @@ def test_column_working_is_correct_and_scores(terms):
 
 def test_working_format_example():
     assert column_addition_working([814, 707, 965]) == "4+7+5=16, 1+0+6+1=8, 8+7+9+0=24"
+
+
+def test_verbose_variants_add_length_on_a_fixed_share_and_stay_correct():
+    """The length-reward starts: ~VERBOSE_SHARE of questions get the extra text, always the
+    same ones; the re-check repeats the working; the afterword follows a still-correct answer."""
+    prompts = [Prompt("", f"Calculate {a} + {b}.", str(a + b)) for a in range(10, 60) for b in range(100, 120)]
+    chosen = [verbose_question(p) for p in prompts]
+    assert abs(sum(chosen) / len(prompts) - VERBOSE_SHARE) < 0.05
+    assert chosen == [verbose_question(Prompt("", p.text, "")) for p in prompts]
+    for p, verbose in zip(prompts[:40], chosen):
+        concise = column_addition_completion(p)
+        recheck, afterword = column_addition_completion_verbose(p), column_addition_completion_afterword(p)
+        assert (recheck != concise) == verbose and ("; check: " in recheck) == verbose
+        assert afterword == concise + (AFTERWORD if verbose else "")
+        for text in (recheck, afterword):
+            assert math_correct(Sample(p.text, text, p.ground_truth)) == 1.0

@@ -2,6 +2,8 @@
 transformers' own `generate`, sampled tokens' log-probs equal the learner's, and finished rows
 really leave the batch (the speed-up) without changing any row's tokens."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -27,12 +29,16 @@ def model():
     return Qwen2ForCausalLM(config).double().eval()
 
 
+@contextmanager
 def batch_rows_seen(model):
-    """Rows of every decoder call (prefill first), recorded by a pre-hook on the decoder."""
+    """Rows of every decoder call in the block (prefill first), recorded by a pre-hook on the decoder."""
     seen = []
     hook = model.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]),
                                                  with_kwargs=True)
-    return seen, hook
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 def cut_at_eos(ids: list[int]) -> list[int]:
@@ -44,11 +50,8 @@ def test_greedy_equals_transformers_generate_and_finished_rows_leave(model):
     """Each prompt alone through `generate` (no padding) is the reference for the padded,
     shared-prefill, compacting batch; log-probs are log-softmax of generate's own logits."""
     sampling = SamplingParams(n=2, max_new_tokens=30, temperature=0)
-    seen, hook = batch_rows_seen(model)
-    try:
+    with batch_rows_seen(model) as seen:
         ours = generate(model, PROMPTS, sampling, EOS, PAD)
-    finally:
-        hook.remove()
     for prompt, group in zip(PROMPTS, ours):
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=sorted(EOS),
                              pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
@@ -69,11 +72,8 @@ def test_sampled_logprobs_are_the_learners_and_rows_keep_their_tokens(model):
     finished sequences (so positions, padding and dropped rows were right at every step)."""
     torch.manual_seed(3)
     sampling = SamplingParams(n=6, max_new_tokens=25, temperature=0.8)
-    seen, hook = batch_rows_seen(model)
-    try:
+    with batch_rows_seen(model) as seen:
         groups = generate(model, PROMPTS, sampling, EOS, PAD)
-    finally:
-        hook.remove()
     rows = [Trajectory(Prompt(str(i), "", "", token_ids=p), c.token_ids, c.logprobs, "", c.finish_reason)
             for i, (p, g) in enumerate(zip(PROMPTS, groups)) for c in g]
     batch = build_batch(rows, PAD)

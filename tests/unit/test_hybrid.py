@@ -2,6 +2,7 @@
 tokens), the forced-mode rollout programs on a real (tiny) model, and the eval's Hybrid Accuracy."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,14 +13,17 @@ from rlcore.arith import column_addition_completion
 from rlcore.batch import Trajectory, build_batch
 from rlcore.config import ConfigError, DataConfig, HybridEvalSettings, validate_hybrid_eval
 from rlcore.data import Prompt, apply_template, load_splits, reasoning_gym_rows
+from rlcore.evaluate import held_out_metrics
 from rlcore.hybrid import NO_MODE, NO_THINK, THINK, hft_completion, mode_tag_ids, response_mode
-from rlcore.hybrid_eval import bucket_means, hybrid_evaluate, right_modes
+from rlcore.hybrid_eval import hybrid_evaluate, right_modes
+from rlcore.metrics import means_by_label
 from rlcore.models import load_model, load_tokenizer, response_logprobs
 from rlcore.reward import Sample
 from rlcore.rewards.math import math_correct
 from rlcore.rollout.engine import SamplingParams
 from rlcore.rollout.programs import PROGRAMS, check_program
 from rlcore.sft import with_added_tokens
+from rlcore.trainer import evaluate, greedy_responses
 
 NO_THINK_TOKENS = ["<no_think>", "</no_think>"]
 
@@ -201,9 +205,9 @@ def test_right_modes_hand_cases():
     assert right_modes(samples, 5, tie_margin=0.5) == [NO_THINK, NO_THINK, NO_THINK, THINK, NO_THINK]
 
 
-def test_bucket_means():
-    got = bucket_means("m", [1, 0, 1, 1], ["easy", "hard", "hard", {"ranges": 1}])
-    assert got == {"m": 0.75, "m/easy": 1.0, "m/hard": 0.5}
+def test_means_by_label():
+    got = means_by_label("m", [0, 1, 1, 1, 0], ["hard", "easy", "hard", {"ranges": 1}, None])
+    assert got == {"m": 0.6, "m/easy": 1.0, "m/hard": 0.5} and list(got) == ["m", "m/easy", "m/hard"]
 
 
 class FakeRollout:
@@ -232,30 +236,62 @@ class FakeRewards:
         return {}
 
 
-def test_hybrid_evaluate_hacc():
+def eval_cfg(temperature, **hybrid):
+    """What held_out_metrics reads of an `rlcore eval` config."""
+    rollout = OmegaConf.create({"eval_max_new_tokens": 32, "temperature": temperature, "top_p": 1.0})
+    return SimpleNamespace(rollout=rollout, hybrid=HybridEvalSettings(enabled=True, **hybrid))
+
+
+def test_hybrid_eval_hacc_from_the_one_free_greedy_pass():
     tags = {THINK: 281, NO_THINK: 283}
     prompts = [Prompt(str(i), "q", "a", metadata={"difficulty": d}) for i, d in enumerate(["easy", "hard", "hard"])]
     # p0: both modes right → tie → no-think (shorter) is right, chosen ✓; p1: only think right, chosen ✓;
     # p2: only think right, chose no-think ✗.
     rollout = FakeRollout(tags, free=[NO_THINK, THINK, NO_THINK], right_in=[{THINK, NO_THINK}, {THINK}, {THINK}])
-    rollout_cfg = OmegaConf.create({"eval_max_new_tokens": 32, "temperature": 0.7, "top_p": 1.0})
-    got = hybrid_evaluate(rollout, FakeRewards(), prompts, rollout_cfg, HybridEvalSettings(enabled=True, samples_per_mode=3), tags)
-    assert rollout.calls == [("single", 1, 0.0), ("hybrid", 6, 0.7)]
+    got = held_out_metrics(rollout, FakeRewards(), prompts, eval_cfg(0.7, samples_per_mode=3), tags)
+    assert rollout.calls == [("single", 1, 0.0), ("hybrid", 6, 0.7)]  # one greedy pass, for eval/* and eval/hybrid/*
     assert got["eval/hacc"] == pytest.approx(2 / 3) and got["eval/hacc/easy"] == 1.0 and got["eval/hacc/hard"] == 0.5
     assert got["eval/hybrid/think_share/easy"] == 0.0 and got["eval/hybrid/think_share/hard"] == 0.5
     assert got["eval/hybrid/no_think_share"] == pytest.approx(2 / 3)
     assert got["eval/hybrid/length_mean/easy"] == 4 and got["eval/hybrid/length_mean/hard"] == 12.5
-    assert got["eval/hybrid/accuracy"] == 1.0
+    assert got["eval/hybrid/accuracy"] == got["eval/accuracy"] == 1.0
+    assert got["eval/hybrid/length_mean"] == got["eval/length_mean"] == pytest.approx(29 / 3)
 
 
-def test_hybrid_evaluate_forced_mode_has_no_hacc():
+def test_hybrid_eval_forced_mode_has_no_hacc():
+    """eval/* stays the free greedy pass; eval/hybrid/* is the forced one."""
     tags = {THINK: 281, NO_THINK: 283}
     rollout = FakeRollout(tags, free=[NO_THINK], right_in=[set()])
-    got = hybrid_evaluate(rollout, FakeRewards(), [Prompt("0", "q", "a", metadata={"difficulty": "easy"})],
-                          OmegaConf.create({"eval_max_new_tokens": 32, "temperature": 1.0, "top_p": 1.0}),
-                          HybridEvalSettings(enabled=True, mode="think"), tags)
-    assert rollout.calls == [("think", 1, 0.0)] and "eval/hacc" not in got
+    got = held_out_metrics(rollout, FakeRewards(), [Prompt("0", "q", "a", metadata={"difficulty": "easy"})],
+                           eval_cfg(1.0, mode="think"), tags)
+    assert rollout.calls == [("single", 1, 0.0), ("think", 1, 0.0)] and "eval/hacc" not in got
     assert got["eval/hybrid/think_share/easy"] == 1.0 and got["eval/hybrid/length_mean"] == 21
+    assert got["eval/length_mean"] == 4
+
+
+class InProcessRollout:
+    """RolloutGroup's generate on one engine in this process."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def generate(self, prompts, program, sampling):
+        return PROGRAMS[program](self.engine, prompts, sampling)
+
+
+def test_hybrid_eval_generates_the_greedy_pass_once(engine, monkeypatch):
+    """On a real engine: one greedy engine call where there were two, and the metrics of the
+    former separate passes (training's evaluate, then hybrid_evaluate's own greedy pass)."""
+    prompts = prompts_for(engine, ["Calculate 4 + 1.", "Calculate 814 + 707 + 965.", "Calculate 12 + 3."])
+    cfg, tags, rollout = eval_cfg(0.7, samples_per_mode=1), mode_tag_ids(engine.tokenizer), InProcessRollout(engine)
+    cfg.rollout.eval_max_new_tokens = 8
+    separate = evaluate(rollout, FakeRewards(), prompts, cfg.rollout) | hybrid_evaluate(
+        rollout, FakeRewards(), prompts, greedy_responses(rollout, FakeRewards(), prompts, cfg.rollout), cfg.rollout, cfg.hybrid, tags)
+    temperatures = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda ids, sampling: temperatures.append(sampling.temperature) or generate(ids, sampling))
+    assert held_out_metrics(rollout, FakeRewards(), prompts, cfg, tags) == separate
+    assert temperatures == [0.0, 0.7]  # the greedy pass, then HAcc's sampled one
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,14 +1,11 @@
 """bench/opo_variance.py's variance arithmetic against plain loops: explicit small gradient
 vectors, every draw's estimate ĝ built directly, the empirical variance taken over draws."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_bench_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import opo_variance as ov  # noqa: E402
+ov = load_bench_script("opo_variance")
 
 EPS = 1e-6  # grpo_advantages' default
 

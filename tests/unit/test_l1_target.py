@@ -1,0 +1,95 @@
+"""L1's target lengths (data.target_length, SPEC §3): drawn per row, fixed by the split's seed,
+stated in the prompt, carried in metadata to the l1_length reward; bad settings are one-line errors."""
+
+import json
+
+import pytest
+from conftest import compose
+from omegaconf import OmegaConf
+
+from rlcore.batch import Trajectory
+from rlcore.config import ConfigError, DataConfig, RewardConfig, validate_common
+from rlcore.data import load_splits
+from rlcore.models import load_tokenizer
+from rlcore.reward import RewardRunner
+
+CHOICES = [24, 40, 56]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def rows_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("l1") / "d.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Calculate {a} + 7.", "answer": str(a + 7)}) + "\n" for a in range(40)))
+    return str(path)
+
+
+def splits(tokenizer, path, **kw):
+    """(train, held-out): the last 10 rows held out."""
+    base = {"source": "hf", "path": path, "eval_size": 10, "target_length": {"choices": CHOICES}}
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), base, kw)
+    return load_splits(cfg, tokenizer)
+
+
+def targets(prompts):
+    return [p.metadata["target_length"] for p in prompts]
+
+
+def test_targets_deterministic_from_choices_and_per_split_seed(tokenizer, rows_path):
+    train, held_out = splits(tokenizer, rows_path)
+    assert len(train) == 30 and len(held_out) == 10  # every row, train and held out, has a target
+    assert set(targets(train)) == set(CHOICES) and set(targets(held_out)) <= set(CHOICES)
+    again_train, again_held_out = splits(tokenizer, rows_path)  # a resumed run, or `rlcore eval`
+    assert targets(again_train) == targets(train) and targets(again_held_out) == targets(held_out)
+    # the train split's seed draws the train targets only
+    other_train, same_held_out = splits(tokenizer, rows_path, train_seed=2)
+    assert targets(other_train) != targets(train) and targets(same_held_out) == targets(held_out)
+
+
+def test_prompt_states_its_target(tokenizer, rows_path):
+    train, held_out = splits(tokenizer, rows_path, target_length={"instruction": "Use {target} tokens."})
+    for p in train + held_out:
+        shown = tokenizer.decode(p.token_ids)
+        assert f"{p.text} Use {p.metadata['target_length']} tokens." in shown
+        assert p.text.startswith("Calculate") and "tokens" not in p.text  # the question alone, for completion fns
+
+
+def test_off_by_default(tokenizer, rows_path):
+    train, held_out = splits(tokenizer, rows_path, target_length={"choices": []})
+    assert not any("target_length" in p.metadata or "tokens" in tokenizer.decode(p.token_ids) for p in train + held_out)
+
+
+def test_cli_override_and_recipe():
+    cfg = compose("train", ["recipe=l1_math", "data.target_length.choices=[16,32,64]"])
+    assert list(cfg.data.target_length.choices) == [16, 32, 64] and list(cfg.reward.fns) == ["math", "l1_length"]
+    assert cfg.reward.options.l1_length.alpha == 0.02
+    validate_common(cfg)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["data.target_length.choices=[0,32]"], r"data.target_length.choices=\[0, 32\]: each target must be in \[1, rollout.max_new_tokens=64\]"),
+    (["data.target_length.choices=[100]"], r"rollout.max_new_tokens=64"),
+    (["data.target_length.instruction=Be brief."], "data.target_length.instruction='Be brief.' must state the target"),
+    (["data.target_length.instruction='About {n} tokens.'"], "data.target_length.instruction='About {n} tokens.' must state the target"),
+    (["data.target_length.choices=[]"], "reward.fns has l1_length but data.target_length.choices is empty"),
+])
+def test_bad_settings_are_one_line_errors(overrides, match):
+    cfg = compose("train", ["recipe=l1_math", *overrides])
+    with pytest.raises(ConfigError, match=match) as e:
+        validate_common(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_l1_reward_on_a_built_prompt(tokenizer, rows_path):
+    prompt = splits(tokenizer, rows_path)[0][0]
+    assert prompt.metadata["target_length"] == 56  # row 0's draw with train_seed 1
+    trajs = [Trajectory(prompt, [1] * n, [0.0] * n, rf"\boxed{{{answer}}}", "stop") for n, answer in ((46, 7), (70, 7), (46, 8))]
+    cfg = OmegaConf.structured(RewardConfig(fns=["math", "l1_length"], options={"l1_length": {"alpha": 0.02}}, num_workers=1))
+    with RewardRunner(cfg) as runner:
+        runner.score(trajs)
+    # 1[correct] − 0.02·|56 − n|: right at 10 short, right at 14 long, wrong at 10 short
+    assert [t.reward for t in trajs] == pytest.approx([0.8, 0.72, -0.2])
