@@ -15,7 +15,12 @@ From the task rewards r_i and the prompt's per-mode means R̄_think, R̄_no:
   tag always carries ±α·0.935 for N = 8 (±α/√2 for N = 2).
 
 Loss: the base PPO-clip, per-sample token mean (seq-mean-token-mean), plus β·KL (k3) to the
-reference (the start model). Defaults are the paper's: α 1.0, δ 0.2, β 0.001, 4 samples per mode.
+reference (the start model) on the sampled tokens, not on the forced tag (rlcore's choice; SPEC is
+silent): k3 = exp(Δ) − 1 − Δ, Δ = log π_ref − log π, estimates KL from samples of π, and the tag
+of the losing mode is no sample: the inter term keeps pushing its probability down, Δ grows, and
+exp(Δ) made the tag's "KL" the largest term of the loss (kl_ref ≈ 20 nats/token at lr 5e-5, where
+the tug of war settles at β·exp(Δ) ≈ α·0.935). Defaults are the paper's: α 1.0, δ 0.2, β 0.001,
+4 samples per mode.
 """
 
 from __future__ import annotations
@@ -81,3 +86,9 @@ class HGPO(Algorithm):
 
     def advantages(self, batch) -> Tensor:
         return hgpo_advantages(batch["rewards"], batch["modes"], batch["group_ids"], batch["response_mask"], self.alpha, self.delta)
+
+    def kl_mask(self, batch) -> Tensor:
+        """The response tokens after the forced mode tag (token 0): see the module doc."""
+        mask = batch["response_mask"].clone()
+        mask[:, 0] = 0
+        return mask

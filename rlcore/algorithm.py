@@ -158,6 +158,11 @@ class Algorithm:
         """[B, R] per-token advantages from batch["rewards"], ["group_ids"], ["response_mask"]."""
         raise NotImplementedError
 
+    def kl_mask(self, batch) -> Tensor:
+        """[B, R] tokens the KL term covers: the response tokens the policy sampled. The k1/k2/k3
+        estimators are estimates from samples of π; a token forced by the rollout program is not one."""
+        return batch["response_mask"]
+
     @property
     def clip_range(self) -> tuple[float, float]:
         """(ε_low, ε_high): the ratio is clipped to [1 − ε_low, 1 + ε_high]."""
@@ -182,9 +187,10 @@ class Algorithm:
             metrics["tis_weight"] = masked_mean(weights, mask)
             metrics["tis_capped_frac"] = masked_mean((weights >= self.tis_cap).float(), mask)
         if self.needs_reference:
-            kl = kl_estimate(logp, batch["ref_logp"], self.kl_estimator)
+            sampled = self.kl_mask(batch)
+            kl = kl_estimate(logp, batch["ref_logp"], self.kl_estimator) * sampled
             per_token = per_token + self.kl_coef * kl
-            metrics["kl_ref"] = masked_mean(kl, mask)
+            metrics["kl_ref"] = masked_mean(kl, sampled)
         loss = aggregate(per_token, mask, self.loss_agg, norm)
         metrics["policy_loss"] = loss.detach()
         return loss, {k: v.detach() for k, v in metrics.items()}

@@ -143,10 +143,29 @@ def test_loss_is_ppo_clip_plus_beta_k3_per_sample_token_mean():
     logp, old, ref = (-torch.rand(2, 3, generator=g) for _ in range(3))
     adv = torch.randn(2, 3, generator=g)
     batch = TensorDict({"response_mask": mask, "old_logp": old, "ref_logp": ref, "advantages": adv}, batch_size=[2])
-    loss, _ = algo.loss(logp, batch, LossNorm(4.0, 2.0))
-    per_token = ppo_clip(logp, old, adv, 0.2, 0.2)[0] + 0.001 * kl_estimate(logp, ref, "k3")
+    loss, metrics = algo.loss(logp, batch, LossNorm(4.0, 2.0))
+    kl = kl_estimate(logp, ref, "k3")
+    kl[:, 0] = 0  # the forced mode tag is no sample of π: no KL term on it
+    per_token = ppo_clip(logp, old, adv, 0.2, 0.2)[0] + 0.001 * kl
     want = ((per_token[0] * mask[0]).sum() / 3 + per_token[1, 0]) / 2
     torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(metrics["kl_ref"], kl[0, 1:].mean())  # row 1 has only its tag
+
+
+def test_kl_skips_the_forced_tag_and_only_there():
+    """A reference that differs from the policy only on token 0 (the tag) adds no KL to HGPO's loss;
+    GRPO, whose token 0 is sampled, counts it."""
+    mask = torch.ones(2, 3)
+    logp = torch.full((2, 3), -1.0)
+    ref = logp.clone()
+    ref[:, 0] = 3.0  # the losing tag pushed 4 nats below the reference: k3 = e^4 − 5 ≈ 49.6
+    batch = TensorDict({"response_mask": mask, "old_logp": logp, "ref_logp": ref, "advantages": torch.zeros(2, 3)},
+                       batch_size=[2])
+    hgpo_loss, hgpo = build_algorithm({"name": "hgpo"}).loss(logp, batch, LossNorm(6.0, 2.0))
+    grpo_loss, grpo = build_algorithm({"name": "grpo", "kl_coef": 0.001}).loss(logp, batch, LossNorm(6.0, 2.0))
+    assert float(hgpo_loss) == 0.0 and float(hgpo["kl_ref"]) == 0.0
+    assert float(grpo["kl_ref"]) == pytest.approx((math.exp(4) - 5) / 3, rel=1e-5)
+    assert float(grpo_loss) == pytest.approx(0.001 * (math.exp(4) - 5) * 2 / 6, rel=1e-5)
 
 
 def test_advantages_read_the_batch():
