@@ -18,9 +18,10 @@ Loss: the base PPO-clip, per-sample token mean (seq-mean-token-mean), plus β·K
 reference (the start model) on the sampled tokens, not on the forced tag (rlcore's choice; SPEC is
 silent): k3 = exp(Δ) − 1 − Δ, Δ = log π_ref − log π, estimates KL from samples of π, and the tag
 of the losing mode is no sample: the inter term keeps pushing its probability down, Δ grows, and
-exp(Δ) made the tag's "KL" the largest term of the loss (kl_ref ≈ 20 nats/token at lr 5e-5, where
-the tug of war settles at β·exp(Δ) ≈ α·0.935). Defaults are the paper's: α 1.0, δ 0.2, β 0.001,
-4 samples per mode.
+exp(Δ) made the tag's "KL" the largest term of the loss (kl_ref 6–16 per token on average over the
+last steps, peaks of 59–1418, at lr 1e-5–5e-5; the tug of war settles near β·exp(Δ) ≈ α·0.935).
+Without the tag, kl_ref stayed ≤ 0.4 and free-mode accuracy held (README). Defaults are the
+paper's: α 1.0, δ 0.2, β 0.001, 4 samples per mode.
 """
 
 from __future__ import annotations
