@@ -162,10 +162,16 @@ def greedy_responses(rollout, rewards, prompts, rollout_cfg, program: str = "sin
 
 def greedy_metrics(responses: list[Trajectory]) -> dict:
     """eval/accuracy, eval/accuracy/<bucket> for prompts whose metadata names a bucket (RPT's
-    entropy buckets, rlcore.rpt), and eval/length_mean."""
+    entropy buckets, rlcore.rpt), and eval/length_mean; with stated target lengths (L1,
+    data.target_length) also eval/length_mean/target_<n> and eval/target_error = mean |length − target|."""
     buckets = [t.prompt.metadata.get("bucket") for t in responses]
     accuracy = means_by_label("eval/accuracy", [t.accuracy for t in responses], buckets)
-    return accuracy | {"eval/length_mean": mean(len(t.response_ids) for t in responses)}
+    lengths = [len(t.response_ids) for t in responses]
+    targets = [t.prompt.metadata.get("target_length") for t in responses]
+    if any(target is None for target in targets):
+        return accuracy | {"eval/length_mean": mean(lengths)}
+    by_target = means_by_label("eval/length_mean", lengths, [f"target_{n}" for n in targets])
+    return accuracy | by_target | {"eval/target_error": mean(abs(n - target) for n, target in zip(lengths, targets))}
 
 
 def response_metrics(batch, trajectories) -> dict:

@@ -2,6 +2,7 @@
 stated in the prompt, carried in metadata to the l1_length reward; bad settings are one-line errors."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from conftest import compose
@@ -9,9 +10,10 @@ from omegaconf import OmegaConf
 
 from rlcore.batch import Trajectory
 from rlcore.config import ConfigError, DataConfig, RewardConfig, validate_common
-from rlcore.data import load_splits
+from rlcore.data import Prompt, load_splits
 from rlcore.models import load_tokenizer
 from rlcore.reward import RewardRunner
+from rlcore.trainer import evaluate
 
 CHOICES = [24, 40, 56]
 
@@ -93,3 +95,19 @@ def test_l1_reward_on_a_built_prompt(tokenizer, rows_path):
         runner.score(trajs)
     # 1[correct] − 0.02·|56 − n|: right at 10 short, right at 14 long, wrong at 10 short
     assert [t.reward for t in trajs] == pytest.approx([0.8, 0.72, -0.2])
+
+
+def test_evaluate_reports_length_per_stated_target():
+    """L1 prompts (metadata.target_length): mean greedy length per target and the mean miss."""
+    prompts = [Prompt(f"p{i}", "q", "1", metadata={"target_length": t}) for i, t in enumerate([2, 2, 8])]
+    lengths = {"p0": 2, "p1": 4, "p2": 5}
+
+    class Rollout:
+        def generate(self, prompts, program, sampling):
+            return [Trajectory(p, [7] * lengths[p.id], [0.0] * lengths[p.id], "\\boxed{1}", "stop") for p in prompts]
+
+    with RewardRunner(OmegaConf.structured(RewardConfig(fns=["math"], num_workers=1))) as rewards:
+        result = evaluate(Rollout(), rewards, prompts, SimpleNamespace(eval_max_new_tokens=8))
+    assert result["eval/length_mean"] == pytest.approx(11 / 3)
+    assert result["eval/length_mean/target_2"] == 3.0 and result["eval/length_mean/target_8"] == 5.0
+    assert result["eval/target_error"] == pytest.approx((0 + 2 + 3) / 3)
