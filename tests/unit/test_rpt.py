@@ -256,4 +256,3 @@ def test_evaluate_reports_accuracy_per_bucket():
     assert result["eval/accuracy"] == pytest.approx(3 / 5)
     assert result["eval/accuracy/easy"] == 1.0 and result["eval/accuracy/hard"] == pytest.approx(1 / 3)
     assert "eval/accuracy/medium" not in result
-
