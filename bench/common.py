@@ -6,9 +6,19 @@ import datetime
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: where the scripts' runs/ go
+
+
+def run_rlcore(args: list[str]) -> None:
+    """`rlcore ARGS` as its own process in the repository root (the venv's console script), echoed."""
+    print("$ rlcore " + " ".join(args), flush=True)
+    subprocess.run([str(Path(sys.executable).parent / "rlcore"), *args], cwd=ROOT, check=True)
 
 
 def machine() -> dict:

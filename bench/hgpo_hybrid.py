@@ -17,29 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import machine, write_result
+from common import ROOT, machine, run_rlcore, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
-RLCORE = str(Path(sys.executable).parent / "rlcore")
 HFT = Path("runs/sft_hybrid/final")
-KEYS = ("eval/accuracy", "eval/length_mean", "eval/hacc", "eval/hacc/easy", "eval/hacc/hard")
-
-
-def run(args: list[str]) -> None:
-    print("$ rlcore " + " ".join(args), flush=True)
-    subprocess.run([RLCORE, *args], cwd=ROOT, check=True)
 
 
 def evaluate(model: Path, mode: str) -> dict:
     """eval.json of `rlcore eval` in hybrid `mode`; the hybrid pass's own metrics (eval/hybrid/*)
     describe that mode, eval/accuracy the free greedy pass (rlcore.evaluate.held_out_metrics)."""
     run_dir = ROOT / "runs" / f"eval_{model.parent.name}_{mode}"
-    run(["eval", f"model={model}", "data=arith_mix", "hybrid.enabled=true", f"hybrid.mode={mode}", f"run_dir={run_dir}"])
+    run_rlcore(["eval", f"model={model}", "data=arith_mix", "hybrid.enabled=true", f"hybrid.mode={mode}", f"run_dir={run_dir}"])
     return json.loads((run_dir / "eval.json").read_text())
 
 
@@ -51,9 +41,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if not (ROOT / HFT).is_dir():
-        run(["sft", "recipe=sft_hybrid"])
+        run_rlcore(["sft", "recipe=sft_hybrid"])
     started = time.time()
-    run(["train", "recipe=hgpo_hybrid", f"name={args.name}", *args.overrides])
+    run_rlcore(["train", "recipe=hgpo_hybrid", f"name={args.name}", *args.overrides])
     hgpo = Path("runs") / args.name / "final"
     result = {
         "bench": "hgpo_hybrid",

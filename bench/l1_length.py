@@ -16,19 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from common import machine, write_result
+from common import ROOT, machine, run_rlcore, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
-RLCORE = str(Path(sys.executable).parent / "rlcore")
-
-
-def run(args: list[str]) -> None:
-    print("$ rlcore " + " ".join(args), flush=True)
-    subprocess.run([RLCORE, *args], cwd=ROOT, check=True)
 
 
 def held_out(run_dir: Path) -> dict[int, dict]:
@@ -44,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if not args.reuse_runs:
-        run(["sft", "recipe=sft_arith_l1"])
-        run(["train", "recipe=l1_math"])
+        run_rlcore(["sft", "recipe=sft_arith_l1"])
+        run_rlcore(["train", "recipe=l1_math"])
     curve = held_out(ROOT / "runs/l1_math")
     before, after = curve[min(curve)], curve[max(curve)]
     result = {

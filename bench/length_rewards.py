@@ -20,20 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import machine, train_config, write_result
+from common import ROOT, machine, run_rlcore, train_config, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
-RLCORE = str(Path(sys.executable).parent / "rlcore")
-
-
-def run(args: list[str]) -> None:
-    print("$ rlcore " + " ".join(args), flush=True)
-    subprocess.run([RLCORE, *args], cwd=ROOT, check=True)
 
 
 def run_summary(run_dir: Path, last_steps: int) -> dict:
@@ -64,14 +55,14 @@ def main() -> None:
     sft_name = f"sft_arith_{args.start}"
     start = Path(f"runs/{sft_name}/final")
     if not (ROOT / start).is_dir():
-        run(["sft", f"recipe={sft_name}"])
+        run_rlcore(["sft", f"recipe={sft_name}"])
     short = train_config(["recipe=opo_math_short"])
     started = time.time()
     same_start = [f"model.path={start}", f"rollout.max_new_tokens={short.rollout.max_new_tokens}",
                   f"rollout.eval_max_new_tokens={short.rollout.eval_max_new_tokens}", f"trainer.steps={args.steps}"]
     runs = {"short": f"opo_math_short_{args.start}", "correctness": f"opo_math_{args.start}"}
-    run(["train", "recipe=opo_math_short", f"name={runs['short']}", *same_start])
-    run(["train", "recipe=opo_math", f"name={runs['correctness']}", *same_start])
+    run_rlcore(["train", "recipe=opo_math_short", f"name={runs['short']}", *same_start])
+    run_rlcore(["train", "recipe=opo_math", f"name={runs['correctness']}", *same_start])
     length_reward = run_summary(ROOT / "runs" / runs["short"], args.last_steps)
     correctness_only = run_summary(ROOT / "runs" / runs["correctness"], args.last_steps)
     result = {
