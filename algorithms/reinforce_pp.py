@@ -1,17 +1,20 @@
-"""REINFORCE++ (Hu 2025, arXiv 2501.03262): the reward, normalised over the whole batch.
+"""REINFORCE++ (Hu 2025, arXiv 2501.03262): per-token returns, normalised over the whole batch.
 
-Advantage of every response token of sample i: (r_i − μ) / (σ + eps), where μ and σ are
-the mean and the (biased) standard deviation over all response *tokens* of the batch, as
-in the reference implementation (OpenRLHF normalises over action tokens). A sample of
-length l_i counts l_i times, so μ = Σ l_i·r_i / Σ l_i — exactly OPO's length-weighted
-baseline over the whole batch (SPEC §1 `optimal_batch`). `scale_by_std=false` drops the
-division by σ, which is OPO's optimal_batch variant: A_i = r_i − Σ l_j·r_j / Σ l_j.
-Lengths are `response_lengths` (the tokens generated), the same lengths OPO weights by.
+Return of response token t of sample i: G_t = r_i − β·Σ_{s≥t} kl_s (γ = 1), the outcome reward
+r_i on the last token and REINFORCE++'s KL penalty −β·kl_s on every token s
+(`reward_kl_coef` = β; kl_s = log π_rollout − log π_ref, the k1 estimate on the sampled token).
+Advantage: (G_t − μ) / (σ + eps), μ and σ the mean and (biased) standard deviation over all
+response *tokens* of the batch, as in the reference implementation (OpenRLHF normalises over
+action tokens).
 
-Choices where the paper differs from this loop: REINFORCE++ puts a per-token KL penalty
-into the reward; here the reference log-probs are computed after the advantages, so the
-KL term goes into the loss instead (algorithm.kl_coef, default 0 = no reference model).
-Loss: the shared PPO-clip, token-mean.
+With β = 0 (the default) every token of sample i has G_t = r_i, so μ = Σ l_i·r_i / Σ l_i —
+exactly OPO's length-weighted baseline over the whole batch (SPEC §1 `optimal_batch`), and
+`scale_by_std=false` (no division by σ) is OPO's optimal_batch variant: A_i = r_i − Σ l_j·r_j / Σ l_j.
+
+Choices: the KL in the reward uses the rollout engine's log-probs (the policy that sampled;
+the learner's old log-probs may come from the update pass itself, after the advantages are
+needed). The KL-in-loss term (`kl_coef`) stays available as for every algorithm; the two can
+be combined, though the paper uses only the reward form. Loss: the shared PPO-clip, token-mean.
 """
 
 from __future__ import annotations
@@ -21,28 +24,48 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlcore.algorithm import Algorithm, expand_to_tokens, register_algorithm
-from rlcore.algorithms.opo import opo_advantages
+from rlcore.algorithm import Algorithm, register_algorithm
+from rlcore.config import ConfigError
 
 
-def reinforce_pp_advantages(rewards: Tensor, lengths: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
-    """(r_i − μ) / (σ + eps), μ and σ over all response tokens of the batch (length-weighted
-    over samples); r_i − μ when scale_by_std is off. A batch of one sample gets 0."""
-    centred = opo_advantages(rewards, lengths, torch.zeros_like(rewards, dtype=torch.long)).double()
+def kl_penalised_returns(rewards: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """[B, R] per-token returns G_t = r_i − β·Σ_{s≥t} kl_s over the masked tokens (0 elsewhere)."""
+    penalty = -beta * kl * mask
+    to_go = penalty.flip(-1).cumsum(-1).flip(-1)  # Σ_{s≥t}
+    return (rewards[:, None] + to_go) * mask
+
+
+def reinforce_pp_advantages(returns: Tensor, mask: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """[B, R]: (G − μ) / (σ + eps), μ and σ over all masked tokens of the batch; G − μ when
+    scale_by_std is off; 0 outside the mask."""
+    mask, returns = mask.double(), returns.double()
+    tokens = mask.sum().clamp(min=1e-12)
+    centred = (returns - (returns * mask).sum() / tokens) * mask
     if scale_by_std:
-        lengths = lengths.double()
-        std = ((lengths * centred**2).sum() / lengths.sum().clamp(min=1e-12)).sqrt()
-        centred = centred / (std + eps)
+        centred = centred / ((centred**2).sum() / tokens).sqrt().add(eps)
     return centred.float()
 
 
 @register_algorithm("reinforce_pp")
 @dataclass
 class ReinforcePP(Algorithm):
-    """scale_by_std=false is OPO's `optimal_batch` variant (batch baseline, no std)."""
+    """scale_by_std=false is OPO's `optimal_batch` variant (batch baseline, no std);
+    reward_kl_coef > 0 is REINFORCE++'s KL penalty in the per-token reward (loads the reference)."""
 
     scale_by_std: bool = True
+    reward_kl_coef: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reward_kl_coef < 0:
+            raise ConfigError(f"algorithm.reward_kl_coef={self.reward_kl_coef} must be ≥ 0")
+
+    @property
+    def needs_reference(self) -> bool:
+        return super().needs_reference or self.reward_kl_coef > 0
 
     def advantages(self, batch) -> Tensor:
-        per_sample = reinforce_pp_advantages(batch["rewards"], batch["response_lengths"], self.scale_by_std)
-        return expand_to_tokens(per_sample, batch["response_mask"])
+        mask = batch["response_mask"]
+        kl = batch["rollout_logp"] - batch["ref_logp"] if self.reward_kl_coef else torch.zeros_like(mask)
+        returns = kl_penalised_returns(batch["rewards"], kl, mask, self.reward_kl_coef)
+        return reinforce_pp_advantages(returns, mask, self.scale_by_std)

@@ -186,7 +186,7 @@ class Algorithm:
             per_token = per_token * weights
             metrics["tis_weight"] = masked_mean(weights, mask)
             metrics["tis_capped_frac"] = masked_mean((weights >= self.tis_cap).float(), mask)
-        if self.needs_reference:
+        if self.kl_coef > 0:
             sampled = self.kl_mask(batch)
             kl = kl_estimate(logp, batch["ref_logp"], self.kl_estimator) * sampled
             per_token = per_token + self.kl_coef * kl

@@ -1,7 +1,7 @@
 """THE loop. Every algorithm runs it; algorithms change numbers, never the loop.
 
 One step: sample prompts → rollout workers generate K samples per prompt →
-rewards → advantages → learner recomputes old log-probs → update → weights
+rewards → learner recomputes old (and reference) log-probs → advantages → update → weights
 synced to the rollout workers → metrics → checkpoint.
 """
 
@@ -79,10 +79,10 @@ def train(cfg) -> dict:
                 trajectories, filled = refill_groups(trajectories, sample_more, cfg.trainer.prompts_per_step, algorithm.sampling_rounds)
                 metrics |= filled
             batch = build_batch(trajectories, tokenizer.pad_token_id)
-            batch["advantages"] = algorithm.advantages(batch)
             with rollout.asleep():
                 with timer("old_logprob"):
                     metrics |= learner.compute_logprobs(batch, algorithm)
+                batch["advantages"] = algorithm.advantages(batch)  # may read ref_logp (REINFORCE++'s KL in the reward)
                 with timer("update"):
                     metrics |= learner.update(batch, algorithm)
                 if cfg.trainer.log_policy_shift:
@@ -119,17 +119,20 @@ def generate_and_score(rollout, rewards, program: str, sampling: SamplingParams,
     return trajectories, metrics
 
 
-def start_actors(cfg, policy_path: str, **learner_settings) -> tuple[RolloutGroup, LearnerGroup]:
+def start_actors(cfg, policy_path: str, **learner_settings) -> tuple[RolloutGroup, LearnerGroup | None]:
     """Rollout workers, then learner ranks, both on policy_path, where plan_placement puts them,
-    with thread_counts' threads; `rlcore train` and `rlcore sft` start theirs here. Rollout first:
+    with thread_counts' threads; `rlcore train`, `sft` and `eval` start theirs here. Rollout first:
     vLLM sizes its memory from what is free. `learner_settings`: the rest of LearnerGroup's
     arguments, which differ by command (ref_path, temperature, batch_size, mini_batches,
-    total_optimizer_steps, seed)."""
-    rollout_threads, learner_threads = thread_counts(cfg.cluster, cfg.rollout.num_workers, cfg.learner.num_ranks)
-    placement = plan_placement(cfg.cluster, cfg.rollout.num_workers, cfg.rollout.vllm.tensor_parallel_size, cfg.learner.num_ranks)
+    total_optimizer_steps, seed); none (`rlcore eval`): rollout workers only, learner None."""
+    ranks = cfg.learner.num_ranks if learner_settings else 0
+    rollout_threads, learner_threads = thread_counts(cfg.cluster, cfg.rollout.num_workers, max(ranks, 1))
+    placement = plan_placement(cfg.cluster, cfg.rollout.num_workers, cfg.rollout.vllm.tensor_parallel_size, ranks)
     rollout = RolloutGroup(
         policy_path, cfg.model.dtype, cfg.rollout, cfg.cluster, longest_request(cfg), rollout_threads, placement.rollout
     )
+    if not learner_settings:
+        return rollout, None
     learner = LearnerGroup(
         model_path=policy_path, dtype=cfg.model.dtype, learner_cfg=cfg.learner, cluster_cfg=cfg.cluster,
         threads=learner_threads, actor_options=placement.learner, **learner_settings,

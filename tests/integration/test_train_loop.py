@@ -5,21 +5,29 @@ import json
 import pytest
 
 from conftest import FAST, compose
+from rlcore.logging import read_metrics
 from rlcore.trainer import train
+
+
+def two_steps(recipe: str, model: str, run_dir, *overrides: str) -> tuple[dict, list[dict]]:
+    """`rlcore train recipe=RECIPE` for 2 steps on `model`, no eval before, accuracy from
+    user_rewards:varies_with_text; (summary, the two steps' metrics rows)."""
+    summary = train(compose("train", [
+        f"recipe={recipe}", f"model.path={model}", f"run_dir={run_dir}", *FAST, "trainer.steps=2",
+        "trainer.eval_before=false", "reward.accuracy=user_rewards:varies_with_text", *overrides,
+    ]))
+    steps = [r for r in read_metrics(run_dir) if "time/step" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    return summary, steps
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_steps_two_ranks(tiny_model, tmp_path, zero_stage):
-    cfg = compose("train", [
-        "recipe=grpo_math", f"model.path={tiny_model}", f"run_dir={tmp_path}", *FAST,
-        "trainer.steps=2", "learner.num_ranks=2", f"learner.zero_stage={zero_stage}", "learner.micro_batch_size=4",
-        "trainer.eval_before=false", "algorithm.kl_coef=0.01",  # exercises the reference model too
-        "reward.fns=[user_rewards:varies_with_text]", "reward.accuracy=user_rewards:varies_with_text",
-    ])
-    summary = train(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "time/step" in r]
-    assert [r["step"] for r in steps] == [1, 2]
+    summary, steps = two_steps(
+        "grpo_math", tiny_model, tmp_path, "learner.num_ranks=2", f"learner.zero_stage={zero_stage}", "learner.micro_batch_size=4",
+        "algorithm.kl_coef=0.01",  # exercises the reference model too
+        "reward.fns=[user_rewards:varies_with_text]",
+    )
     for r in steps:
         # the rollout engine and the learner hold the same weights at every step (synced after each update)
         assert r["rollout/logp_mismatch_max"] < 1e-4
@@ -31,17 +39,19 @@ def test_two_steps_two_ranks(tiny_model, tmp_path, zero_stage):
 def test_group_reward_gate_and_policy_shift_through_the_loop(tiny_model, tmp_path):
     """opo_math_short's reward (correctness + Short-RL group term + accuracy gate) and OPO's
     policy-shift metric in a real run; the gate's running maximum is saved in checkpoints."""
-    cfg = compose("train", [
-        "recipe=opo_math_short", f"model.path={tiny_model}", f"run_dir={tmp_path}", *FAST,
-        "trainer.steps=2", "trainer.eval_before=false", "trainer.eval_every=0", "trainer.checkpoint_every=1",
-        "reward.fns=[user_rewards:varies_with_text,short_rl]", "reward.accuracy=user_rewards:varies_with_text",
-    ])
-    train(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "time/step" in r]
-    assert [r["step"] for r in steps] == [1, 2]
+    _, steps = two_steps("opo_math_short", tiny_model, tmp_path, "trainer.eval_every=0", "trainer.checkpoint_every=1",
+                         "reward.fns=[user_rewards:varies_with_text,short_rl]")
     for r in steps:
         assert "reward/short_rl" in r and r["reward/gate_open"] in (0.0, 1.0)
         assert r["policy_shift"] > 0  # the update moved the policy
     state = json.loads((tmp_path / "checkpoints" / "step_2" / "trainer_state.json").read_text())
     assert state["reward"]["max_accuracy"] == max(r["accuracy"] for r in steps)
+
+
+def test_reinforce_pp_kl_in_the_reward_through_the_loop(tiny_model, tmp_path):
+    """REINFORCE++'s KL penalty in the reward needs the reference's log-probs before the
+    advantages: the loop loads the reference for it and computes log-probs first."""
+    _, steps = two_steps("reinforce_pp_math", tiny_model, tmp_path, "trainer.eval_every=0", "algorithm.reward_kl_coef=0.05",
+                         "reward.fns=[user_rewards:varies_with_text]")
+    assert all(r["grad_norm"] > 0 for r in steps)
+    assert "kl_ref" not in steps[0]  # the KL is in the reward, not the loss

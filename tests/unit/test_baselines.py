@@ -12,6 +12,7 @@ from rlcore.algorithm import ALGORITHMS, LossNorm, build_algorithm, truncated_is
 from rlcore.algorithms.grpo import grpo_advantages
 from rlcore.algorithms.gspo import gspo_loss
 from rlcore.algorithms.opo import opo_advantages
+from rlcore.algorithms import reinforce_pp as rpp
 from rlcore.algorithms.reinforce_pp import reinforce_pp_advantages
 from rlcore.algorithms.rloo import rloo_advantages
 from rlcore.batch import Trajectory
@@ -58,42 +59,108 @@ def test_rloo_is_scaled_mean_centring():
 # ---- REINFORCE++ ----------------------------------------------------------------------------
 
 
+def token_mask(lengths, width=40):
+    return (torch.arange(width)[None, :] < lengths[:, None]).float()
+
+
 def reinforce_pp_loop(rewards, lengths, scale_by_std=True, eps=1e-6):
-    tokens = [r for r, n in zip(rewards, lengths) for _ in range(int(n))]  # every response token carries r_i
+    """Per-sample advantages with no KL: every response token carries r_i."""
+    tokens = [r for r, n in zip(rewards, lengths) for _ in range(int(n))]
     mean = sum(tokens) / len(tokens)
     std = math.sqrt(sum((t - mean) ** 2 for t in tokens) / len(tokens))
     return [(r - mean) / (std + eps) if scale_by_std else r - mean for r in rewards]
+
+
+def returns_loop(rewards, kl, lengths, beta):
+    """G_t = r_i − β·Σ_{s≥t} kl_s, one token at a time."""
+    out = torch.zeros_like(kl)
+    for i, (r, n) in enumerate(zip(rewards.tolist(), lengths.int().tolist())):
+        for t in range(n):
+            out[i, t] = r - beta * sum(kl[i, s].item() for s in range(t, n))
+    return out
+
+
+def rpp_advantages(rewards, lengths, scale_by_std=True, eps=1e-6):
+    mask = token_mask(lengths)
+    return reinforce_pp_advantages(rpp.kl_penalised_returns(rewards, torch.zeros_like(mask), mask, 0.0), mask, scale_by_std, eps)
 
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("scale_by_std", [True, False])
 def test_reinforce_pp_matches_loop(seed, scale_by_std):
     rewards, lengths, _ = random_groups(seed)
-    got = reinforce_pp_advantages(rewards, lengths, scale_by_std)
+    got = rpp_advantages(rewards, lengths, scale_by_std)
     want = torch.tensor(reinforce_pp_loop(rewards.tolist(), lengths.tolist(), scale_by_std))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want[:, None].expand_as(got) * token_mask(lengths), atol=1e-5, rtol=1e-5)
 
 
 def test_reinforce_pp_hand_values():
     # r = [1, 0], l = [1, 3]: token mean 1/4; centred [0.75, −0.25];
     # token variance (1·0.75² + 3·0.25²)/4 = 0.1875, std 0.4330127 → [1.7320508, −0.5773503]
     rewards, lengths = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 3.0])
-    torch.testing.assert_close(reinforce_pp_advantages(rewards, lengths, eps=0.0), torch.tensor([1.7320508, -0.5773503]))
-    torch.testing.assert_close(reinforce_pp_advantages(rewards, lengths, scale_by_std=False), torch.tensor([0.75, -0.25]))
+    torch.testing.assert_close(rpp_advantages(rewards, lengths, eps=0.0)[:, 0], torch.tensor([1.7320508, -0.5773503]))
+    torch.testing.assert_close(rpp_advantages(rewards, lengths, scale_by_std=False)[:, 0], torch.tensor([0.75, -0.25]))
 
 
 def test_reinforce_pp_without_std_is_opo_optimal_batch():
     rewards, lengths, groups = random_groups(3)
-    mask = (torch.arange(40)[None, :] < lengths[:, None]).float()
+    mask = token_mask(lengths)
     batch = batch_of(rewards=rewards, response_lengths=lengths, group_ids=groups, response_mask=mask)
-    rpp = build_algorithm({"name": "reinforce_pp", "scale_by_std": False}).advantages(batch)
+    rpp_adv = build_algorithm({"name": "reinforce_pp", "scale_by_std": False}).advantages(batch)
     opo = build_algorithm({"name": "opo", "baseline": "batch"}).advantages(batch)
-    torch.testing.assert_close(rpp, opo)
-    assert torch.all(rpp[mask == 0] == 0)
+    torch.testing.assert_close(rpp_adv, opo)
+    assert torch.all(rpp_adv[mask == 0] == 0)
 
 
 def test_reinforce_pp_equal_rewards_give_zero():
-    assert torch.all(reinforce_pp_advantages(torch.ones(4), torch.tensor([1.0, 2.0, 3.0, 4.0])) == 0)
+    assert torch.all(rpp_advantages(torch.ones(4), torch.tensor([1.0, 2.0, 3.0, 4.0])) == 0)
+
+
+def test_kl_penalised_returns_hand_values():
+    # one sample, r = 1, kl = [0.1, 0.2, 0.3], β = 1: G = [1 − 0.6, 1 − 0.5, 1 − 0.3]; padding stays 0
+    kl, mask = torch.tensor([[0.1, 0.2, 0.3, 9.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    torch.testing.assert_close(rpp.kl_penalised_returns(torch.tensor([1.0]), kl, mask, 1.0), torch.tensor([[0.4, 0.5, 0.7, 0.0]]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kl_penalised_returns_match_loop(seed):
+    rewards, lengths, _ = random_groups(seed)
+    mask = token_mask(lengths)
+    kl = torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed)).abs()
+    torch.testing.assert_close(rpp.kl_penalised_returns(rewards, kl, mask, 0.05), returns_loop(rewards, kl, lengths, 0.05),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_reinforce_pp_reward_kl_reads_rollout_and_reference_logprobs():
+    rewards, lengths, groups = random_groups(1)
+    mask = token_mask(lengths)
+    rollout_logp = -torch.rand(mask.shape, generator=torch.Generator().manual_seed(0))
+    ref_logp = -torch.rand(mask.shape, generator=torch.Generator().manual_seed(1))
+    batch = batch_of(rewards=rewards, response_lengths=lengths, group_ids=groups, response_mask=mask,
+                     rollout_logp=rollout_logp, ref_logp=ref_logp)
+    algorithm = build_algorithm({"name": "reinforce_pp", "reward_kl_coef": 0.1})
+    assert algorithm.needs_reference and not build_algorithm({"name": "reinforce_pp"}).needs_reference
+    want = reinforce_pp_advantages(returns_loop(rewards, rollout_logp - ref_logp, lengths, 0.1), mask)
+    torch.testing.assert_close(algorithm.advantages(batch), want)
+    assert not torch.allclose(want, build_algorithm({"name": "reinforce_pp"}).advantages(batch))
+
+
+def test_reward_kl_adds_no_kl_term_to_the_loss():
+    """The KL goes into the reward, not the loss: with the same advantages, the loss is the plain one."""
+    rewards, lengths, groups = random_groups(2)
+    mask = token_mask(lengths)
+    logp = -torch.rand(mask.shape, generator=torch.Generator().manual_seed(2))
+    batch = batch_of(response_mask=mask, old_logp=logp, rollout_logp=logp, ref_logp=logp - 1.0,
+                     advantages=torch.randn(mask.shape, generator=torch.Generator().manual_seed(3)))
+    norm = LossNorm(tokens=float(mask.sum()), seqs=float(len(lengths)))
+    with_kl, metrics = build_algorithm({"name": "reinforce_pp", "reward_kl_coef": 0.1}).loss(logp, batch, norm)
+    plain, _ = build_algorithm({"name": "reinforce_pp"}).loss(logp, batch, norm)
+    assert torch.equal(with_kl, plain) and "kl_ref" not in metrics
+
+
+def test_negative_reward_kl_coef_is_one_line():
+    with pytest.raises(ConfigError, match=r"algorithm.reward_kl_coef=-0.1 must be ≥ 0"):
+        build_algorithm({"name": "reinforce_pp", "reward_kl_coef": -0.1})
 
 
 # ---- DAPO -----------------------------------------------------------------------------------
