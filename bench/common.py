@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from rlcore.logging import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository: where the scripts' runs/ go
 
 
@@ -31,6 +33,11 @@ def machine() -> dict:
         "load_avg": [round(x, 2) for x in os.getloadavg()],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def held_out_curve(run_dir: Path, key: str = "eval/accuracy") -> dict[int, dict]:
+    """{step: eval/* metrics} of a train run, for the rows that have `key` (step 0 = before training)."""
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in read_metrics(run_dir) if key in r}
 
 
 def train_config(overrides: list[str]):

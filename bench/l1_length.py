@@ -18,14 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ROOT, machine, run_rlcore, write_result
+from common import ROOT, held_out_curve, machine, run_rlcore, write_result
 
-
-
-def held_out(run_dir: Path) -> dict[int, dict]:
-    """{step: eval metrics} of a train run (step 0 = before training)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in rows if "eval/target_error" in r}
 
 
 def main() -> None:
@@ -37,7 +31,7 @@ def main() -> None:
     if not args.reuse_runs:
         run_rlcore(["sft", "recipe=sft_arith_l1"])
         run_rlcore(["train", "recipe=l1_math"])
-    curve = held_out(ROOT / "runs/l1_math")
+    curve = held_out_curve(ROOT / "runs/l1_math", "eval/target_error")
     before, after = curve[min(curve)], curve[max(curve)]
     result = {
         "bench": "l1_length",

@@ -25,11 +25,13 @@ from pathlib import Path
 
 from common import ROOT, machine, run_rlcore, train_config, write_result
 
+from rlcore.logging import read_metrics
+
 
 
 def run_summary(run_dir: Path, last_steps: int) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "response/length_mean" in r][-last_steps:]
     gate = [r["reward/gate_open"] for r in rows if "reward/gate_open" in r]
     return {

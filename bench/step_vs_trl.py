@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
 import shutil
@@ -57,6 +56,8 @@ from pathlib import Path
 import torch
 
 from common import train_config, write_result
+
+from rlcore.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
 PROMPTS_PER_STEP = 8
@@ -191,8 +192,7 @@ def run_rlcore(overrides: list[str], run_dir: Path) -> list[dict]:
     if proc.returncode != 0:
         tail = log_path.read_text().splitlines()[-30:]
         sys.exit("step_vs_trl: rlcore train failed:\n" + "\n".join(tail))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if "time/step" in r]
+    return [r for r in read_metrics(run_dir) if "time/step" in r]
 
 
 def summarize_rlcore(rows: list[dict]) -> dict:

@@ -98,7 +98,8 @@ def build_prompts(rows: list[dict], source: str, cfg, tokenizer, seed: int) -> t
                 message += " " + cfg.target_length.instruction.format(target=metadata["target_length"])
             ids = apply_template(tokenizer, message, cfg)
             if len(ids) > cfg.max_prompt_tokens:
-                problem = f"row {i}: field {cfg.prompt_field!r} is {len(ids)} tokens, over data.max_prompt_tokens={cfg.max_prompt_tokens}"
+                parts = f"field {cfg.prompt_field!r}" + (" + data.target_length.instruction" if cfg.target_length.choices else "")
+                problem = f"row {i}: the prompt ({parts}, templated) is {len(ids)} tokens, over data.max_prompt_tokens={cfg.max_prompt_tokens}"
         if problem:
             if cfg.on_invalid == "skip":
                 skipped += 1

@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlcore.cluster import ray_session, thread_counts
-from rlcore.config import longest_request, validate_common, validate_hybrid_eval
+from rlcore.cluster import ray_session
+from rlcore.config import validate_common, validate_hybrid_eval
 from rlcore.data import load_splits
 from rlcore.hybrid import mode_tag_ids
 from rlcore.hybrid_eval import hybrid_evaluate
 from rlcore.models import load_tokenizer, resolve_model_path
-from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
-from rlcore.rollout.worker import RolloutGroup
-from rlcore.trainer import greedy_metrics, greedy_responses
+from rlcore.trainer import greedy_metrics, greedy_responses, start_actors
 
 
 def eval_command(cfg) -> dict:
@@ -26,9 +24,7 @@ def eval_command(cfg) -> dict:
     tag_ids = mode_tag_ids(tokenizer) if cfg.hybrid.enabled else None
     _, eval_set = load_splits(cfg.data, tokenizer)
     with RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
-        threads, _ = thread_counts(cfg.cluster, cfg.rollout.num_workers, 1)
-        placement = plan_placement(cfg.cluster, cfg.rollout.num_workers, cfg.rollout.vllm.tensor_parallel_size, learner_ranks=0)
-        rollout = RolloutGroup(model_path, cfg.model.dtype, cfg.rollout, cfg.cluster, longest_request(cfg), threads, placement.rollout)
+        rollout, _ = start_actors(cfg, model_path)
         result = {"model": cfg.model.path, "prompts": len(eval_set), **held_out_metrics(rollout, rewards, eval_set, cfg, tag_ids)}
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(result, indent=2))

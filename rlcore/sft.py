@@ -131,8 +131,10 @@ def sft(cfg) -> dict:
             log.log(step, metrics)
             if checkpoints.due(step, steps):
                 checkpoints.save(step, learner, {"sampler": sampler.state_dict()}, model_path)
+        if not metrics:  # resumed from the last checkpoint: nothing left to train; evaluate what it holds
+            metrics = evaluate(rollout, rewards, eval_set, cfg.rollout)
         log.close()
-    summary = {"steps": steps, "eval/accuracy": metrics.get("eval/accuracy"), "final_model": str(checkpoints.publish_final()),
+    summary = {"steps": steps, "eval/accuracy": metrics["eval/accuracy"], "final_model": str(checkpoints.publish_final()),
                "wall_time_s": round(time.time() - started, 1), "peak_memory_gib": round(memory.peak_gib, 2)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -237,6 +237,11 @@ def test_sft_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
     assert_same_final_weights(straight, resumed)
     assert logged_steps(resumed) == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_4", "step_6"]  # sft.keep_last=2
+    # resuming a finished run trains nothing and still reports its model's held-out accuracy
+    finished = json.loads((straight / "summary.json").read_text())["eval/accuracy"]
+    again = rlcore("sft", "recipe=sft_arith", f"run_dir={straight}", *extra, "resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert finished is not None and json.loads((straight / "summary.json").read_text())["eval/accuracy"] == finished
 
 
 def test_seer_gate_distill_trains_gates_and_writes_them(tmp_path):

@@ -51,8 +51,17 @@ def test_skip_mode_counts_bad_rows(tmp_path, tokenizer):
 
 def test_too_long_prompt(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "1 " * 300, "answer": "2"}, {"question": "3+3", "answer": "6"}])
-    with pytest.raises(ConfigError, match=r"row 0: field 'question' is \d+ tokens, over data.max_prompt_tokens=64"):
+    with pytest.raises(ConfigError, match=r"row 0: the prompt \(field 'question', templated\) is \d+ tokens, over data.max_prompt_tokens=64"):
         load_splits(data_cfg(path=path, max_prompt_tokens=64), tokenizer)
+
+
+def test_too_long_prompt_names_the_target_length_instruction(tmp_path, tokenizer):
+    """The question fits; with the stated target appended, it does not."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "3+3", "answer": "6"}] * 2)
+    fits = len(load_splits(data_cfg(path=path), tokenizer)[0][0].token_ids)
+    target = {"choices": [32], "instruction": "Think for about {target} tokens."}
+    with pytest.raises(ConfigError, match=r"field 'question' \+ data.target_length.instruction, templated\) is \d+ tokens"):
+        load_splits(data_cfg(path=path, max_prompt_tokens=fits, target_length=target), tokenizer)
 
 
 def test_empty_dataset(tmp_path, tokenizer):
