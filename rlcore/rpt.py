@@ -1,6 +1,7 @@
 """RPT data (SPEC §5): next-token reasoning prompts cut from real text, bucketed by a proxy model's entropy.
 
     python -m rlcore.rpt                      # → data/rpt/train.jsonl, data/rpt/eval.jsonl (~100 s of CPU time)
+    rlcore sft recipe=sft_rpt                 # the format cold start
     rlcore train recipe=rpt_nexttoken         # reads them (configs/data/rpt.yaml, data.source=hf)
 
 Corpus: the Python Language Reference as CPython ships it (`pydoc_data.topics`, the text
@@ -26,7 +27,8 @@ context and the instruction; the answer is the next token's text (up to the firs
 character, for a token that ends inside one); metadata carries the truth for the reward
 (rewards/rpt.py) — `continuation` (the next NEXT_TOKENS tokens' text) and `boundaries`
 (their cumulative UTF-8 byte lengths) — and `bucket`, by which evaluation reports accuracy
-(`eval/accuracy/<bucket>`).
+(`eval/accuracy/<bucket>`). `proxy_top` holds the proxy's CANDIDATES likeliest next tokens:
+the format cold start (`rlcore sft recipe=sft_rpt`, cold_start_completion) is built from them.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ TOP_K = 16
 MIN_CONTEXT = 16
 MAX_TOKENS = 128  # context ≤ 127 tokens: with the instruction and chat template, within data.max_prompt_tokens=256
 NEXT_TOKENS = 8  # a prediction may span up to this many tokens
+CANDIDATES = 3  # the proxy's likeliest next tokens kept per row (metadata.proxy_top), for the cold start
+TAIL_WORDS = 8  # the cold start's reasoning copies this many last words of the text
 
 PROMPT = (
     "Here is the beginning of a text, cut off at some point:\n\n{context}\n\n"
@@ -86,13 +90,16 @@ def bucket_of(entropy: float) -> str | None:
 
 
 @torch.inference_mode()
-def next_token_entropies(model, batch: list[list[int]]) -> list[list[float]]:
-    """For each sequence, entropy[t] of the proxy's prediction of token t from tokens[:t] (t ≥ 1; [0] is nan)."""
+def next_token_predictions(model, batch: list[list[int]]) -> list[tuple[list[float], list[list[int]]]]:
+    """For each sequence, the proxy's prediction of token t from tokens[:t] (t ≥ 1; [0] is nan / []):
+    (entropy[t], the ids of its TOP_K likeliest tokens[t], likeliest first)."""
     width = max(map(len, batch))
     ids = torch.tensor([s + [0] * (width - len(s)) for s in batch])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
-    entropy = top_k_entropy(model(input_ids=ids, attention_mask=mask).logits)
-    return [[float("nan")] + entropy[i, : len(s) - 1].tolist() for i, s in enumerate(batch)]
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    entropy, top = top_k_entropy(logits), logits.topk(TOP_K, dim=-1).indices
+    return [([float("nan")] + entropy[i, : len(s) - 1].tolist(), [[]] + top[i, : len(s) - 1].tolist())
+            for i, s in enumerate(batch)]
 
 
 def decode(tokenizer, ids: list[int]) -> str:
@@ -121,6 +128,39 @@ def cut(tokenizer, ids: list[int], t: int) -> dict | None:
     }
 
 
+def proxy_candidates(tokenizer, top_ids: list[int], n: int = CANDIDATES) -> list[str]:
+    """The proxy's n likeliest next tokens that can stand in a \\boxed{}, likeliest first, leading space
+    dropped (so " the" and "the" are one): not special, whole characters, not blank, no braces or backslash."""
+    special = set(tokenizer.all_special_ids)
+    texts = (decode(tokenizer, [i]).lstrip() for i in top_ids if i not in special)
+    usable = (t for t in texts if t.strip() and "\ufffd" not in t and not set(t) & set("{}\\"))
+    return list(dict.fromkeys(usable))[:n]
+
+
+def context_of(question: str) -> str:
+    """The text a PROMPT question was built around."""
+    head, tail = (part.format() for part in PROMPT.split("{context}"))
+    return question[len(head) : len(question) - len(tail)]
+
+
+def cold_start_completion(prompt) -> str:
+    """`rlcore sft recipe=sft_rpt`'s demonstration: the answer format around the proxy's own guesses,
+    `<think>…the last words of the text → a | b | c</think> \\boxed{a}`, a, b, c from the row's
+    metadata["proxy_top"].
+
+    It teaches the format, not the answers: the boxed guess is the proxy's likeliest token (the
+    policy's own, when the proxy is the policy), right or wrong; RL then has the candidates to
+    choose from. The reasoning first copies the text's last TAIL_WORDS words: the guesses then
+    follow the words they continue, as in the proxy's own forward pass. (Without the copy, the
+    135M model learned the format but wrote the same frequent words whatever the text.)"""
+    top = prompt.metadata.get("proxy_top")
+    if not top:
+        raise ValueError("sft.completion_fn=rlcore.rpt:cold_start_completion needs rows with metadata.proxy_top: "
+                         "rebuild the data with `python -m rlcore.rpt`")
+    tail = " ".join(context_of(prompt.text).split(" ")[-TAIL_WORDS:])
+    return f"<think>…{tail} → {' | '.join(top)}</think> \\boxed{{{top[0]}}}"
+
+
 def candidates(entropies: list[float]) -> dict[str, list[int]]:
     """bucket → the cut positions t (MIN_CONTEXT ≤ t < len) whose next-token entropy falls in it."""
     out: dict[str, list[int]] = {}
@@ -131,13 +171,13 @@ def candidates(entropies: list[float]) -> dict[str, list[int]]:
     return out
 
 
-def scored_paragraphs(model, tokenizer, paragraphs, batch_size: int) -> Iterator[tuple[str, list[int], list[float]]]:
-    """(topic, token ids, entropies) per paragraph; the proxy runs one batch at a time, as they are consumed."""
+def scored_paragraphs(model, tokenizer, paragraphs, batch_size: int) -> Iterator[tuple[str, list[int], list[float], list[list[int]]]]:
+    """(topic, token ids, entropies, top ids) per paragraph; the proxy runs one batch at a time, as they are consumed."""
     for start in range(0, len(paragraphs), batch_size):
         chunk = paragraphs[start : start + batch_size]
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_TOKENS] for _, text in chunk]
-        for (topic, _), seq, entropy in zip(chunk, ids, next_token_entropies(model, ids)):
-            yield topic, seq, entropy
+        for (topic, _), seq, (entropy, top) in zip(chunk, ids, next_token_predictions(model, ids)):
+            yield topic, seq, entropy, top
 
 
 def split_topics(topics: dict[str, list[str]], sizes: dict[str, int], rng: random.Random) -> dict[str, list[str]]:
@@ -167,13 +207,14 @@ def build(model, tokenizer, sizes: dict[str, int], seed: int, batch_size: int = 
     for split, names in split_topics(topics, sizes, rng).items():
         quota = {b: sizes[split] // len(BUCKETS) + (i < sizes[split] % len(BUCKETS)) for i, (b, _) in enumerate(BUCKETS)}
         rows[split] = []
-        for topic, ids, entropies in scored_paragraphs(model, tokenizer, interleave(topics, names), batch_size):
+        for topic, ids, entropies, top in scored_paragraphs(model, tokenizer, interleave(topics, names), batch_size):
             for bucket, positions in candidates(entropies).items():
                 rng.shuffle(positions)
                 for t in positions if quota[bucket] else ():
                     row = cut(tokenizer, ids, t)
                     if row:
-                        row["metadata"] |= {"bucket": bucket, "entropy": round(entropies[t], 4), "topic": topic, "position": t}
+                        row["metadata"] |= {"bucket": bucket, "entropy": round(entropies[t], 4), "topic": topic, "position": t,
+                                            "proxy_top": proxy_candidates(tokenizer, top[t])}
                         rows[split].append(row)
                         quota[bucket] -= 1
                         break
@@ -190,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="data/rpt", help="directory for train.jsonl and eval.jsonl (default: data/rpt)")
     parser.add_argument("--proxy", default="zoo:smollm2-135m-instruct", help="entropy model: HF directory, hub id, zoo:NAME or embedded:NAME")
     parser.add_argument("--train", type=int, default=300, help="training positions (default: 300)")
-    parser.add_argument("--eval", type=int, default=90, help="held-out positions (default: 90)")
+    parser.add_argument("--eval", type=int, default=150, help="held-out positions (default: 150)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16, help="paragraphs per proxy forward pass (default: 16)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],

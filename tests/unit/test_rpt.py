@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_bench_script
 from omegaconf import OmegaConf
 
 from rlcore import rpt
@@ -19,9 +20,12 @@ from rlcore.rewards.rpt import rpt_prefix
 from rlcore.trainer import evaluate
 
 
-def score(boxed: str, continuation: str, boundaries: list[int]) -> float:
-    response = f"<think>which word comes next?</think> \\boxed{{{boxed}}}"
+def score_response(response: str, continuation: str, boundaries: list[int]) -> float:
     return rpt_prefix(Sample("q", response, "", {"continuation": continuation, "boundaries": boundaries}))
+
+
+def score(boxed: str, continuation: str, boundaries: list[int]) -> float:
+    return score_response(f"<think>which word comes next?</think> \\boxed{{{boxed}}}", continuation, boundaries)
 
 
 # The true next tokens " the", " cat", "." → x̄ = " the cat.", L = [4, 8, 9].
@@ -152,6 +156,36 @@ def test_candidates_by_bucket_skip_short_contexts():
     assert rpt.candidates(entropies) == {"easy": [m + 1, m + 4], "medium": [m + 2], "hard": [m + 3]}
 
 
+class WordVocab:
+    """A tokenizer stand-in for proxy_candidates: id → text, id 0 special, id 6 half a character."""
+
+    words = ["<s>", " the", "the", "{x", "a\\b", "  ", "\ufffd", " cat", " dog", "."]
+    all_special_ids = [0]
+
+    def decode(self, ids, clean_up_tokenization_spaces=False):
+        return "".join(self.words[i] for i in ids)
+
+
+def test_proxy_candidates_keep_the_likeliest_that_can_be_boxed():
+    ranked = list(range(10))
+    # special, duplicate after the leading space, braces, backslash, blank and partial characters are skipped
+    assert rpt.proxy_candidates(WordVocab(), ranked) == ["the", "cat", "dog"]
+    assert rpt.proxy_candidates(WordVocab(), ranked, n=4) == ["the", "cat", "dog", "."]
+    assert rpt.proxy_candidates(WordVocab(), [9, 8, 7]) == [".", "dog", "cat"]  # likeliest first, as given
+
+
+def test_cold_start_copies_the_text_end_and_boxes_the_proxys_guess_not_the_truth():
+    context = "one two three four five six seven eight nine ten"
+    question = rpt.PROMPT.format(context=context)
+    assert rpt.context_of(question) == context
+    completion = rpt.cold_start_completion(Prompt("", question, " cat", metadata={"proxy_top": ["the", "cat", "dog"]}))
+    assert completion == "<think>…three four five six seven eight nine ten → the | cat | dog</think> \\boxed{the}"
+    assert score_response(completion, *THE_CAT) == 1.0      # the guess is right here ...
+    assert score_response(completion, " cat.", [4, 5]) == 0.0  # ... and wrong here: the truth is " cat"
+    with pytest.raises(ValueError, match="python -m rlcore.rpt"):
+        rpt.cold_start_completion(Prompt("", question, " cat"))
+
+
 class CyclingProxy:
     """A proxy whose next-token entropy cycles by position: ~0.0 (dropped), easy, medium, hard."""
 
@@ -194,6 +228,7 @@ def test_build_fills_each_bucket_equally_from_disjoint_topics(built):
             assert any((context + m["continuation"]) in text for text in paragraphs[m["topic"]])
             assert r["answer"].strip() and m["continuation"].startswith(r["answer"])
             assert rpt_prefix(Sample(r["question"], f"<think>…</think> \\boxed{{{r['answer']}}}", r["answer"], m)) == 1.0
+            assert 1 <= len(m["proxy_top"]) <= rpt.CANDIDATES
     assert not {r["metadata"]["topic"] for r in built["train"]} & {r["metadata"]["topic"] for r in built["eval"]}
 
 
@@ -256,3 +291,14 @@ def test_evaluate_reports_accuracy_per_bucket():
     assert result["eval/accuracy"] == pytest.approx(3 / 5)
     assert result["eval/accuracy/easy"] == 1.0 and result["eval/accuracy/hard"] == pytest.approx(1 / 3)
     assert "eval/accuracy/medium" not in result
+
+
+def test_bench_proxy_reference_hand_values():
+    bench = load_bench_script("rpt_nexttoken")
+    cat = {"continuation": " cat sat", "boundaries": [4, 8]}
+    rows = [{"metadata": cat | {"bucket": "easy", "proxy_top": ["cat", "dog"]}},     # top-1 right
+            {"metadata": cat | {"bucket": "easy", "proxy_top": ["dog", "cat sat"]}},  # a later candidate right
+            {"metadata": cat | {"bucket": "hard", "proxy_top": ["ca", "dog"]}}]       # none (a partial token)
+    assert bench.proxy_reference(rows) == pytest.approx({
+        "proxy/top1": 1 / 3, "proxy/top1/easy": 0.5, "proxy/top1/hard": 0.0,
+        "proxy/any_candidate": 2 / 3, "proxy/any_candidate/easy": 1.0, "proxy/any_candidate/hard": 0.0})
