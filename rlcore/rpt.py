@@ -12,8 +12,8 @@ and grammar blocks (indented) and headings are left out. The text is that of the
 Python's version: a given seed gives the same rows on the same Python minor version.
 
 Cut positions: each paragraph (first MAX_TOKENS tokens, after at least MIN_CONTEXT) is cut
-before a token of the proxy's tokenizer. Cuts inside a UTF-8 character and before a
-whitespace-only token are skipped. The proxy (any HF causal LM; default the policy,
+before a token of the proxy's tokenizer. Cuts inside a UTF-8 character, before a
+whitespace-only token and where none of the proxy's top TOP_K tokens could be boxed are skipped. The proxy (any HF causal LM; default the policy,
 SmolLM2-135M) scores every position of a paragraph in one forward pass, paragraphs batched.
 
 Entropy: of the proxy's next-token distribution restricted to its top 16 tokens and
@@ -211,10 +211,10 @@ def build(model, tokenizer, sizes: dict[str, int], seed: int, batch_size: int = 
             for bucket, positions in candidates(entropies).items():
                 rng.shuffle(positions)
                 for t in positions if quota[bucket] else ():
-                    row = cut(tokenizer, ids, t)
-                    if row:
+                    row, guesses = cut(tokenizer, ids, t), proxy_candidates(tokenizer, top[t])
+                    if row and guesses:
                         row["metadata"] |= {"bucket": bucket, "entropy": round(entropies[t], 4), "topic": topic, "position": t,
-                                            "proxy_top": proxy_candidates(tokenizer, top[t])}
+                                            "proxy_top": guesses}
                         rows[split].append(row)
                         quota[bucket] -= 1
                         break
