@@ -27,7 +27,7 @@ from pathlib import Path
 from common import machine, train_config, write_result
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_SETTING = "method=resa,block_size=4,keep_ratio=0.5,min_blocks=4,rectify_every=8"
+DEFAULT_SETTING = "method=resa,block_size=4,keep_ratio=0.7,min_blocks=4,rectify_every=8"
 
 
 def parse_setting(text: str):
