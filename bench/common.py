@@ -35,6 +35,22 @@ def machine() -> dict:
     }
 
 
+def run_summary(name: str) -> dict:
+    """runs/<name>/summary.json of a finished `rlcore` run."""
+    return json.loads((ROOT / "runs" / name / "summary.json").read_text())
+
+
+def sft_then_train(sft_recipe: str, train_recipe: str, reuse_runs: bool) -> dict:
+    """`rlcore sft recipe=SFT` then `rlcore train recipe=TRAIN` (with reuse_runs, their runs/<recipe>
+    as they are); the result's `runs`, `sft_summary` and `train_summary`."""
+    runs = [["sft", f"recipe={sft_recipe}"], ["train", f"recipe={train_recipe}"]]
+    if not reuse_runs:
+        for args in runs:
+            run_rlcore(args)
+    return {"runs": ["rlcore " + " ".join(args) for args in runs],
+            "sft_summary": run_summary(sft_recipe), "train_summary": run_summary(train_recipe)}
+
+
 def held_out_curve(run_dir: Path, key: str = "eval/accuracy") -> dict[int, dict]:
     """{step: eval/* metrics} of a train run, for the rows that have `key` (step 0 = before training)."""
     return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in read_metrics(run_dir) if key in r}

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from common import ROOT, machine, run_rlcore, write_result
+from common import ROOT, machine, run_rlcore, run_summary, write_result
 
 HFT = Path("runs/sft_hybrid/final")
 
@@ -49,7 +49,7 @@ def main() -> None:
         "bench": "hgpo_hybrid",
         "machine": machine(),
         "train_overrides": args.overrides,
-        "train_summary": json.loads((ROOT / "runs" / args.name / "summary.json").read_text()),
+        "train_summary": run_summary(args.name),
         "hft_start_free": evaluate(HFT, "free"),
         "hft_start_forced_think": evaluate(HFT, "think"),
         "hgpo_free": evaluate(hgpo, "free"),

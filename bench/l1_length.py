@@ -15,11 +15,9 @@ From the train run's metrics.jsonl: held-out greedy length per stated target, me
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from common import ROOT, held_out_curve, machine, run_rlcore, write_result
-
+from common import ROOT, held_out_curve, machine, sft_then_train, write_result
 
 
 def main() -> None:
@@ -28,17 +26,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/l1_length.json")
     args = parser.parse_args()
 
-    if not args.reuse_runs:
-        run_rlcore(["sft", "recipe=sft_arith_l1"])
-        run_rlcore(["train", "recipe=l1_math"])
+    runs = sft_then_train("sft_arith_l1", "l1_math", args.reuse_runs)
     curve = held_out_curve(ROOT / "runs/l1_math", "eval/target_error")
     before, after = curve[min(curve)], curve[max(curve)]
     result = {
         "bench": "l1_length",
         "machine": machine(),
-        "runs": ["rlcore sft recipe=sft_arith_l1", "rlcore train recipe=l1_math"],
-        "sft_summary": json.loads((ROOT / "runs/sft_arith_l1/summary.json").read_text()),
-        "train_summary": json.loads((ROOT / "runs/l1_math/summary.json").read_text()),
+        **runs,
         "before": before,
         "after": after,
         "curve": curve,

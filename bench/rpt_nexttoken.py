@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import ROOT, held_out_curve, machine, run_rlcore, write_result
+from common import ROOT, held_out_curve, machine, sft_then_train, write_result
 
 from rlcore.metrics import means_by_label
 from rlcore.rewards.rpt import prefix_match
@@ -50,18 +50,16 @@ def main() -> None:
     if not args.reuse_runs:
         print("$ python -m rlcore.rpt", flush=True)
         subprocess.run([sys.executable, "-m", "rlcore.rpt"], cwd=ROOT, check=True)
-        run_rlcore(["sft", "recipe=sft_rpt"])
-        run_rlcore(["train", "recipe=rpt_nexttoken"])
+    runs = sft_then_train("sft_rpt", "rpt_nexttoken", args.reuse_runs)
     curve = held_out_curve(ROOT / "runs/rpt_nexttoken")
     before, after = curve[min(curve)], curve[max(curve)]
     eval_rows = [json.loads(line) for line in (ROOT / "data/rpt/eval.jsonl").read_text().splitlines()]
     result = {
         "bench": "rpt_nexttoken",
         "machine": machine(),
-        "runs": ["python -m rlcore.rpt", "rlcore sft recipe=sft_rpt", "rlcore train recipe=rpt_nexttoken"],
-        "sft_summary": json.loads((ROOT / "runs/sft_rpt/summary.json").read_text()),
+        **runs,
+        "runs": ["python -m rlcore.rpt", *runs["runs"]],
         "sft_curve": held_out_curve(ROOT / "runs/sft_rpt"),
-        "train_summary": json.loads((ROOT / "runs/rpt_nexttoken/summary.json").read_text()),
         "held_out_positions": len(eval_rows),
         "proxy_reference": proxy_reference(eval_rows),
         "before": before,
