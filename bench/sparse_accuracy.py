@@ -1,9 +1,10 @@
 """Held-out accuracy with sparse rollouts vs dense: what block-sparse decoding costs in answers.
 
 What is measured
-    The transformers rollout engine (rlcore.rollout.hf) decodes the task's held-out prompts
-    greedily (as `rlcore eval` does), once densely and once per sparse setting given, in this
-    process; the task's reward scores the answers. Also reported per setting: the share of
+    A rollout engine — transformers (rlcore.rollout.hf) or, with --backend vllm, vLLM's CPU
+    build (rlcore.sparse.vllm_cpu: ReSA without rectification) — decodes the task's held-out
+    prompts greedily (as `rlcore eval` does), once densely and once per sparse setting given, in
+    this process; the task's reward scores the answers. Also reported per setting: the share of
     (row, KV head, key) triples the sparse decode steps attended to (density), the wall
     time, and what a trainer would log as rollout/logp_mismatch_mean and
     rollout/gen_kl_error: the engine's log-probs of its own tokens against a dense scoring
@@ -16,6 +17,7 @@ Output
 
     python bench/sparse_accuracy.py                                  # ReSA on arith-3m
     python bench/sparse_accuracy.py --setting method=resa,block_size=4,keep_ratio=0.5,min_blocks=2
+    python bench/sparse_accuracy.py --backend vllm --setting method=resa,block_size=4,keep_ratio=0.7,min_blocks=4,rectify_every=0
 """
 
 from __future__ import annotations
@@ -41,12 +43,15 @@ def parse_setting(text: str):
 
 def accuracy(cfg, sparse, eval_set, rewards) -> dict:
     from rlcore.batch import Trajectory, build_batch
+    from rlcore.config import SparseConfig, longest_request
     from rlcore.models import resolve_model_path
     from rlcore.rollout.engine import SamplingParams
-    from rlcore.rollout.hf import HFRolloutEngine
+    from rlcore.rollout.worker import make_engine
     from rlcore.trainer import response_metrics
 
-    engine = HFRolloutEngine(resolve_model_path(cfg.model.path), cfg.model.dtype, sparse)
+    rollout = cfg.rollout.copy()
+    rollout.sparse = sparse if sparse is not None else SparseConfig()
+    engine = make_engine(rollout, resolve_model_path(cfg.model.path), cfg.model.dtype, longest_request(cfg), colocated=False)
     greedy = SamplingParams(n=1, max_new_tokens=cfg.rollout.eval_max_new_tokens, temperature=0.0)
     started = time.perf_counter()
     groups = engine.generate([p.token_ids for p in eval_set], greedy)
@@ -71,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded:arith-3m")
     parser.add_argument("--setting", action="append", help=f"rollout.sparse keys, comma-separated (default {DEFAULT_SETTING})")
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     parser.add_argument("--eval-size", type=int, default=250)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -79,7 +85,7 @@ def main() -> None:
     from rlcore.models import load_tokenizer
     from rlcore.reward import RewardRunner
 
-    cfg = train_config(["recipe=opo_math", f"model.path={args.model}", f"data.eval_size={args.eval_size}"])
+    cfg = train_config(["recipe=opo_math", f"model.path={args.model}", f"data.eval_size={args.eval_size}", f"rollout={args.backend}"])
     _, eval_set = load_splits(cfg.data, load_tokenizer(cfg.model.path))
     settings = args.setting or [DEFAULT_SETTING]
     rows = {}
@@ -95,13 +101,14 @@ def main() -> None:
     result = {
         "benchmark": "sparse_accuracy",
         "model": args.model,
+        "backend": args.backend,
         "eval_prompts": len(eval_set),
         "settings": rows,
         "points": round(100 * (first - dense), 1),
         "ratio": round(first / dense, 3) if dense else None,
         "machine": machine(),
     }
-    slug = args.model.split(":")[-1].replace("/", "_")
+    slug = args.model.split(":")[-1].replace("/", "_") + ("_vllm" if args.backend == "vllm" else "")
     write_result(result, args.out or HERE / "results" / f"sparse_accuracy_{slug}.json")
 
 

@@ -22,14 +22,20 @@ from rlcore.config import ConfigError
 
 
 def rng_state() -> dict:
+    """This process's Python and torch (CPU, and CUDA when present) RNG states, as JSON-able lists."""
     version, internal, gauss = random.getstate()
-    return {"python": [version, list(internal), gauss], "torch": torch.get_rng_state().tolist()}
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 class Checkpointer:

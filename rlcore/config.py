@@ -75,13 +75,18 @@ class VLLMConfig:
     # CUDA graphs off; always on for the CPU build.
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
-    # CPU build only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    # Tokens one engine step may schedule (long prompts are prefilled in chunks of it, alongside
+    # other requests' decode steps); 0 = vLLM's default.
+    max_num_batched_tokens: int = 0
+    # CPU build only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: float = 1.0
 
 
 @dataclass
 class SparseConfig:
-    """Block-sparse decode attention for rollouts (rollout.backend=hf; rlcore.sparse).
+    """Block-sparse decode attention for rollouts (rlcore.sparse). rollout.backend=hf: ReSA and
+    SeerAttention-R. rollout.backend=vllm (CPU build): ReSA without rectification
+    (rlcore.sparse.vllm_cpu).
 
     The learner always scores densely, so `rollout/logp_mismatch_*` shows what sparsity costs.
     """
@@ -422,7 +427,9 @@ def validate_vllm(cfg) -> None:
     if not 0 < v.gpu_memory_utilization <= 1:
         raise ConfigError(f"rollout.vllm.gpu_memory_utilization={v.gpu_memory_utilization} must be in (0, 1]")
     check_positive("rollout.vllm.max_model_len", v.max_model_len, zero_ok=True)
-    check_positive("rollout.vllm.cpu_kv_cache_gib", v.cpu_kv_cache_gib)
+    if v.cpu_kv_cache_gib < 1 or v.cpu_kv_cache_gib != int(v.cpu_kv_cache_gib):
+        raise ConfigError(f"rollout.vllm.cpu_kv_cache_gib={v.cpu_kv_cache_gib}: vLLM's CPU build takes whole GiB; set 1 or more")
+    check_positive("rollout.vllm.max_num_batched_tokens", v.max_num_batched_tokens, zero_ok=True)
     longest = longest_request(cfg)
     if v.max_model_len and v.max_model_len < longest:
         raise ConfigError(
@@ -436,8 +443,12 @@ def validate_sparse(cfg) -> None:
     check_choice("rollout.sparse.method", sp.method, ["none", "resa", "seer"])
     if sp.method == "none":
         return
-    if cfg.rollout.backend != "hf":
-        raise ConfigError(f"rollout.sparse.method={sp.method} runs in the transformers backend; set rollout.backend=hf")
+    if cfg.rollout.backend == "vllm":  # rlcore.sparse.vllm_cpu: ReSA selection only
+        if sp.method != "resa":
+            raise ConfigError(f"rollout.sparse.method={sp.method} runs in the transformers backend; set rollout.backend=hf")
+        if sp.rectify_every:
+            raise ConfigError(f"rollout.sparse.rectify_every={sp.rectify_every}: vLLM cannot re-run generated tokens "
+                              "densely; set rollout.sparse.rectify_every=0 or rollout.backend=hf")
     check_positive("rollout.sparse.block_size", sp.block_size)
     if not 0 < sp.keep_ratio <= 1:
         raise ConfigError(f"rollout.sparse.keep_ratio={sp.keep_ratio} must be in (0, 1]")

@@ -33,6 +33,7 @@ import torch
 
 from rlcore.algorithm import LossNorm
 from rlcore.batch import micro_batches, pad_response
+from rlcore.checkpoint import rng_state, set_rng_state
 from rlcore.models import load_model, resolve_model_path, response_logprobs
 
 
@@ -258,12 +259,13 @@ class LearnerRank:
             self.engine.module.save_pretrained(path / "model", state_dict=weights, safe_serialization=True)
             AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_from)).save_pretrained(path / "model")
         torch.save(
-            {"optimizer": self.engine.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            {"optimizer": self.engine.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state()},
             path / f"optimizer_rank{self.rank}.pt",
         )
 
     def load_optimizer(self, directory: str) -> None:
-        """Restore optimizer and LR schedule; the weights came in with the model path at setup.
+        """Restore optimizer, LR schedule and this rank's RNG (dropout draws continue where the
+        saved run was); the weights came in with the model path at setup.
 
         Files are read with weights_only=True; the non-tensor classes DeepSpeed's ZeRO
         state holds (stages 1–3) are allowed by name.
@@ -281,3 +283,6 @@ class LearnerRank:
         else:
             self.engine.optimizer.load_state_dict([s["optimizer"] for s in states], load_from_fp32_weights=True)
         self.scheduler.load_state_dict(states[self.rank]["scheduler"])
+        if "rng" in states[self.rank]:  # checkpoints written before rlcore saved it: the setup seed stays
+            set_rng_state(states[self.rank]["rng"])
+

@@ -44,15 +44,26 @@ class WeightLoader:
 
 
 class VLLMRolloutEngine(RolloutEngine):
-    def __init__(self, model_path: str, dtype: str, cfg, max_model_len: int, sleeps: bool = False, seed: int = 0):
+    def __init__(self, model_path: str, dtype: str, cfg, max_model_len: int, sleeps: bool = False, seed: int = 0,
+                 sparse=None):
         """`cfg`: rollout.vllm (rlcore.config.VLLMConfig). `sleeps`: free GPU memory during updates
-        (colocated placement)."""
+        (colocated placement). `sparse`: rollout.sparse; ReSA decode steps on the CPU build only
+        (rlcore.sparse.vllm_cpu)."""
         on_gpu = torch.cuda.is_available()
+        sparse = sparse if sparse is not None and sparse.method != "none" else None
+        if sparse and on_gpu:
+            raise RuntimeError("rollout.sparse with rollout.backend=vllm runs on vLLM's CPU build only; on GPUs use rollout.backend=hf")
+        self.sparse = None  # rlcore.sparse.attention.SparseDecoding: selection and its counters
+        if not on_gpu:
+            from rlcore.sparse import vllm_cpu
+            from rlcore.sparse.resa import ReSASelector
+
+            self.sparse = vllm_cpu.use(ReSASelector(sparse.block_size, sparse.keep_ratio, sparse.min_blocks) if sparse else None)
         if cfg.tensor_parallel_size == 1:
             # The engine loop in this process too: weight syncs and calls skip two process hops.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.cpu_kv_cache_gib:g}")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cfg.cpu_kv_cache_gib)))
         from vllm import LLM
 
         self.tokenizer = load_tokenizer(model_path)
@@ -66,8 +77,11 @@ class VLLMRolloutEngine(RolloutEngine):
             distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else "uni",
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=max_model_len,
+            max_num_batched_tokens=cfg.max_num_batched_tokens or None,
             enforce_eager=cfg.enforce_eager or not on_gpu,
-            enable_prefix_caching=cfg.enable_prefix_caching,
+            # Sparse decode steps write K/V that dense ones would not: no reuse of cached blocks,
+            # so every prompt (and score()'s prompt + response) is prefilled densely.
+            enable_prefix_caching=cfg.enable_prefix_caching and self.sparse is None,
             enable_sleep_mode=self.can_sleep,
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightLoader",

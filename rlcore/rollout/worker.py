@@ -23,7 +23,8 @@ def make_engine(rollout_cfg, model_path: str, dtype: str, max_model_len: int, co
     if rollout_cfg.backend == "vllm":
         from rlcore.rollout.vllm import VLLMRolloutEngine
 
-        return VLLMRolloutEngine(model_path, dtype, rollout_cfg.vllm, max_model_len, sleeps=colocated)
+        return VLLMRolloutEngine(model_path, dtype, rollout_cfg.vllm, max_model_len, sleeps=colocated,
+                                 sparse=rollout_cfg.sparse)
     raise ValueError(f"unknown rollout backend {rollout_cfg.backend!r}")
 
 

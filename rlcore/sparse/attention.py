@@ -37,6 +37,12 @@ class SparseDecoding:
     kept_keys: int = field(default=0, repr=False)
     total_keys: int = field(default=0, repr=False)
 
+    def count(self, table: torch.Tensor, kv_len: int) -> None:
+        """Add one decode step's selection (block table [B, H_kv, n_sel]) to the counters."""
+        kept = ((table >= 0).sum(-1) * self.selector.block_size).clamp(max=kv_len)  # the newest block may be partial
+        self.kept_keys += int(kept.sum())
+        self.total_keys += kv_len * table.shape[0] * table.shape[1]
+
     @property
     def density(self) -> float:
         """Share of the (row, KV head, key) triples that sparse steps attended to so far."""
@@ -52,10 +58,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     kv_len = key.shape[2]
     table = state.selector.select(module.layer_idx, query[:, :, 0], key, kv_len)
     out = block_sparse_decode(query[:, :, 0], key, value, table, kv_len, state.selector.block_size, scale=scaling)
-    bs = state.selector.block_size
-    kept = ((table >= 0).sum(-1) * bs).clamp(max=kv_len)  # the newest block may be partial: ≤ kv_len
-    state.kept_keys += int(kept.sum())
-    state.total_keys += kv_len * table.shape[0] * table.shape[1]
+    state.count(table, kv_len)
     return out.unsqueeze(1), None  # transformers expects [B, T, H_q, D]
 
 

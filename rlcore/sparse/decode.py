@@ -120,7 +120,8 @@ def _scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buffer = buffers.get((slot, dtype))
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # made under vLLM's inference mode, still writable outside it
+            buffer = buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return buffer[:numel]
 
 

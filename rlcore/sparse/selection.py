@@ -60,17 +60,21 @@ class BlockSelector:
 
     def summaries(self, layer_idx: int, keys: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Summaries of the complete blocks of keys[:, :, :kv_len], updated for newly filled blocks."""
-        bs = self.block_size
-        complete = kv_len // bs
         cached = self._summaries.get(layer_idx)
         done = 0 if cached is None else cached.shape[2]
-        if done < complete:
-            b, h, _, d = keys.shape
-            new = keys[:, :, done * bs : complete * bs].reshape(b, h, complete - done, bs, d)
-            fresh = self.summarize(layer_idx, new, done)
+        if done < kv_len // self.block_size:
+            fresh = self.block_summaries(layer_idx, keys, kv_len, done)
             cached = fresh if cached is None else torch.cat([cached, fresh], dim=2)
             self._summaries[layer_idx] = cached
         return cached
+
+    def block_summaries(self, layer_idx: int, keys: torch.Tensor, kv_len: int, first_block: int = 0) -> torch.Tensor:
+        """Summaries of the complete blocks first_block… of keys[:, :, :kv_len], not cached."""
+        bs = self.block_size
+        complete = kv_len // bs
+        b, h, _, d = keys.shape
+        blocks = keys[:, :, first_block * bs : complete * bs].reshape(b, h, complete - first_block, bs, d)
+        return self.summarize(layer_idx, blocks, first_block)
 
     def keep_count(self, n_blocks: int) -> int:
         if self.budget_blocks is not None:
@@ -79,16 +83,19 @@ class BlockSelector:
             return min(n_blocks, max(self.min_blocks, math.ceil(n_blocks * self.keep_ratio)))
         return n_blocks  # threshold: at most every block
 
-    def select(self, layer_idx: int, query: torch.Tensor, keys: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def select(self, layer_idx: int, query: torch.Tensor, keys: torch.Tensor, kv_len: int,
+               cached: bool = True) -> torch.Tensor:
         """Block table int32 [B, H_kv, n_sel] for the query at position kv_len - 1 over
-        keys[:, :, :kv_len]; ascending block order, -1 padded (threshold mode only)."""
+        keys[:, :, :kv_len]; ascending block order, -1 padded (threshold mode only).
+        cached=False: summarise every complete block now and keep nothing (keys of a sequence
+        this selector does not follow, e.g. one request of vLLM's batch)."""
         bs = self.block_size
         n_blocks = -(-kv_len // bs)
         b, h = keys.shape[:2]
         scores = torch.full((b, h, n_blocks), float("inf"), device=keys.device)
         complete = kv_len // bs
         if complete:
-            summaries = self.summaries(layer_idx, keys, kv_len)
+            summaries = (self.summaries if cached else self.block_summaries)(layer_idx, keys, kv_len)
             scores[:, :, :complete] = self.block_scores(layer_idx, query, summaries, kv_len - 1).float()
         scores[:, :, n_blocks - 1] = float("inf")  # the newest block, even when it just filled
         keep = self.keep_count(n_blocks)

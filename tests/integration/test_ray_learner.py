@@ -228,9 +228,22 @@ def test_zero3_exports_full_weights(tiny_model):
         torch.testing.assert_close(exported[name], tensor)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_checkpoint_round_trip(tiny_model, batch, tmp_path, zero_stage):
-    """Save after one update, load into fresh ranks, and the next update matches an uninterrupted one."""
+@pytest.fixture(scope="module")
+def dropout_model(tiny_model, tmp_path_factory):
+    """The tiny model with attention dropout: its updates draw from each rank's RNG."""
+    path = tmp_path_factory.mktemp("dropout") / "model"
+    shutil.copytree(tiny_model, path)
+    config = AutoConfig.from_pretrained(path)
+    config.attention_dropout = 0.3
+    config.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("zero_stage, model", [(0, "tiny_model"), (3, "tiny_model"), (0, "dropout_model")])
+def test_checkpoint_round_trip(batch, tmp_path, zero_stage, model, request):
+    """Save after one update, load into fresh ranks, and the next update matches an uninterrupted
+    one; with dropout too (each rank's RNG is saved and restored, not re-seeded)."""
+    tiny_model = request.getfixturevalue(model)
     algo = ALGO
 
     def step(group):

@@ -24,9 +24,11 @@ def gqa_model():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"method": "seer", "gate_path": "/nowhere/gates.safetensors"}, "rollout.sparse.method=seer: no gate file at /nowhere"),
-    ({"method": "resa", "keep_ratio": 0.0}, "rollout.sparse.keep_ratio=0.0 must be in (0, 1]"),
-    ({"method": "seer", "budget_tokens": 8}, "rollout.sparse.budget_tokens=8 is less than one block"),
+    ({"sparse.method": "seer", "sparse.gate_path": "/nowhere/gates.safetensors"}, "rollout.sparse.method=seer: no gate file at /nowhere"),
+    ({"sparse.method": "resa", "sparse.keep_ratio": 0.0}, "rollout.sparse.keep_ratio=0.0 must be in (0, 1]"),
+    ({"sparse.method": "seer", "sparse.budget_tokens": 8}, "rollout.sparse.budget_tokens=8 is less than one block"),
+    ({"backend": "vllm", "sparse.method": "seer"}, "rollout.sparse.method=seer runs in the transformers backend; set rollout.backend=hf"),
+    ({"backend": "vllm", "sparse.method": "resa"}, "rollout.sparse.rectify_every=32: vLLM cannot re-run generated tokens densely; set rollout.sparse.rectify_every=0"),
 ])
 def test_bad_sparse_settings_are_one_line_config_errors(overrides, message):
     from omegaconf import OmegaConf
@@ -35,7 +37,7 @@ def test_bad_sparse_settings_are_one_line_config_errors(overrides, message):
 
     cfg = OmegaConf.structured(TrainConfig)
     for key, value in overrides.items():
-        cfg.rollout.sparse[key] = value
+        OmegaConf.update(cfg.rollout, key, value)
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_sparse(cfg)
 
