@@ -84,9 +84,8 @@ class VLLMConfig:
 
 @dataclass
 class SparseConfig:
-    """Block-sparse decode attention for rollouts (rlcore.sparse). rollout.backend=hf: ReSA and
-    SeerAttention-R. rollout.backend=vllm (CPU build): ReSA without rectification
-    (rlcore.sparse.vllm_cpu).
+    """Block-sparse decode attention for rollouts (rlcore.sparse), in the transformers backend and
+    in vLLM's CPU build (rlcore.sparse.vllm_cpu; there ReSA runs without rectification).
 
     The learner always scores densely, so `rollout/logp_mismatch_*` shows what sparsity costs.
     """
@@ -443,12 +442,9 @@ def validate_sparse(cfg) -> None:
     check_choice("rollout.sparse.method", sp.method, ["none", "resa", "seer"])
     if sp.method == "none":
         return
-    if cfg.rollout.backend == "vllm":  # rlcore.sparse.vllm_cpu: ReSA selection only
-        if sp.method != "resa":
-            raise ConfigError(f"rollout.sparse.method={sp.method} runs in the transformers backend; set rollout.backend=hf")
-        if sp.rectify_every:
-            raise ConfigError(f"rollout.sparse.rectify_every={sp.rectify_every}: vLLM cannot re-run generated tokens "
-                              "densely; set rollout.sparse.rectify_every=0 or rollout.backend=hf")
+    if cfg.rollout.backend == "vllm" and sp.method == "resa" and sp.rectify_every:  # rlcore.sparse.vllm_cpu
+        raise ConfigError(f"rollout.sparse.rectify_every={sp.rectify_every}: vLLM cannot re-run generated tokens "
+                          "densely; set rollout.sparse.rectify_every=0 or rollout.backend=hf")
     check_positive("rollout.sparse.block_size", sp.block_size)
     if not 0 < sp.keep_ratio <= 1:
         raise ConfigError(f"rollout.sparse.keep_ratio={sp.keep_ratio} must be in (0, 1]")

@@ -285,4 +285,3 @@ class LearnerRank:
         self.scheduler.load_state_dict(states[self.rank]["scheduler"])
         if "rng" in states[self.rank]:  # checkpoints written before rlcore saved it: the setup seed stays
             set_rng_state(states[self.rank]["rng"])
-

@@ -28,8 +28,9 @@ from rlcore.rollout.engine import Completion, SamplingParams, completions
 
 COMPACT_AT = 0.25  # drop finished rows from the batch once this share of it has finished
 
-# advance(tokens [B], cache) → next-token logits [B, V]: one decode step fed `tokens`.
-Advance = Callable[[torch.Tensor, Cache], torch.Tensor]
+# advance(tokens [B], cache, live [B]) → next-token logits [B, V]: one decode step fed `tokens`;
+# live marks the rows still writing (the others are fed EOS and their outputs dropped).
+Advance = Callable[[torch.Tensor, Cache, torch.Tensor], torch.Tensor]
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -135,7 +136,7 @@ def generate(model, prompts: list[list[int]], sampling: SamplingParams, eos_ids:
         if step == steps - 1 or not bool(live.any()):
             break
         if advance is not None:
-            logits = advance(token, cache)
+            logits = advance(token, cache, live)
             continue
         if int((~live).sum()) >= COMPACT_AT * live.numel():
             keep = live.nonzero()[:, 0]

@@ -47,8 +47,8 @@ class VLLMRolloutEngine(RolloutEngine):
     def __init__(self, model_path: str, dtype: str, cfg, max_model_len: int, sleeps: bool = False, seed: int = 0,
                  sparse=None):
         """`cfg`: rollout.vllm (rlcore.config.VLLMConfig). `sleeps`: free GPU memory during updates
-        (colocated placement). `sparse`: rollout.sparse; ReSA decode steps on the CPU build only
-        (rlcore.sparse.vllm_cpu)."""
+        (colocated placement). `sparse`: rollout.sparse; block-sparse decode steps on the CPU
+        build only (rlcore.sparse.vllm_cpu)."""
         on_gpu = torch.cuda.is_available()
         sparse = sparse if sparse is not None and sparse.method != "none" else None
         if sparse and on_gpu:
@@ -56,9 +56,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self.sparse = None  # rlcore.sparse.attention.SparseDecoding: selection and its counters
         if not on_gpu:
             from rlcore.sparse import vllm_cpu
-            from rlcore.sparse.resa import ReSASelector
+            from rlcore.sparse.attention import selector_from_config
 
-            self.sparse = vllm_cpu.use(ReSASelector(sparse.block_size, sparse.keep_ratio, sparse.min_blocks) if sparse else None)
+            self.sparse = vllm_cpu.use(selector_from_config(sparse, model_path) if sparse else None)
         if cfg.tensor_parallel_size == 1:
             # The engine loop in this process too: weight syncs and calls skip two process hops.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -36,16 +36,22 @@ class SparseDecoding:
     dense: bool = False  # True: every step dense (prefill, rectification, a dense baseline)
     kept_keys: int = field(default=0, repr=False)
     total_keys: int = field(default=0, repr=False)
+    live: torch.Tensor | None = field(default=None, repr=False)  # [B] rows that count; None: all
 
     def count(self, table: torch.Tensor, kv_len: int) -> None:
         """Add one decode step's selection (block table [B, H_kv, n_sel]) to the counters."""
-        kept = ((table >= 0).sum(-1) * self.selector.block_size).clamp(max=kv_len)  # the newest block may be partial
+        bs = self.selector.block_size
+        newest = kv_len - (-(-kv_len // bs) - 1) * bs  # keys in the newest block: always selected, maybe partial
+        kept = ((table >= 0).sum(-1) - 1) * bs + newest
+        if self.live is not None:
+            kept = kept[self.live]
         self.kept_keys += int(kept.sum())
-        self.total_keys += kv_len * table.shape[0] * table.shape[1]
+        self.total_keys += kv_len * kept.numel()
 
     @property
     def density(self) -> float:
-        """Share of the (row, KV head, key) triples that sparse steps attended to so far."""
+        """Share of the (row, KV head, key) triples that sparse steps of unfinished rows attended
+        to so far."""
         return self.kept_keys / self.total_keys if self.total_keys else 1.0
 
 
@@ -86,17 +92,31 @@ def install(model, selector: BlockSelector) -> SparseDecoding:
 
 def install_from_config(model, cfg, model_path: str) -> SparseDecoding:
     """`install` with the selector that rollout.sparse (rlcore.config.SparseConfig) describes."""
+    return install(model, selector_from_config(cfg, model_path, model))
+
+
+def selector_from_config(cfg, model_path: str, model=None) -> BlockSelector:
+    """The selector rollout.sparse describes. SeerAttention-R's gates and RoPE follow `model`
+    (an HF causal LM, on its device); without one (vLLM holds the weights) they are built on
+    CPU from the model's config."""
     if cfg.method == "resa":
         from rlcore.sparse.resa import ReSASelector
 
-        return install(model, ReSASelector(cfg.block_size, cfg.keep_ratio, cfg.min_blocks))
-    from rlcore.sparse.seer import SeerSelector, load_gates
+        return ReSASelector(cfg.block_size, cfg.keep_ratio, cfg.min_blocks)
+    from rlcore.sparse.seer import SeerSelector, load_gates, rotary_embedding
 
-    gate_path = gate_file(cfg, model_path)
+    if model is None:
+        from transformers import AutoConfig
+
+        from rlcore.models import resolve_model_path
+
+        config = AutoConfig.from_pretrained(resolve_model_path(model_path))
+        gates, rotary = load_gates(config, gate_file(cfg, model_path)), rotary_embedding(config)
+    else:
+        gates, rotary = load_gates(model, gate_file(cfg, model_path)), model.model.rotary_emb
     budget = None if cfg.threshold else cfg.budget_tokens // cfg.block_size
-    selector = SeerSelector(load_gates(model, gate_path), model.model.rotary_emb, cfg.block_size,
-                            budget_blocks=budget, threshold=cfg.threshold or None)
-    return install(model, selector)
+    return SeerSelector(gates, rotary, cfg.block_size,
+                        budget_blocks=budget, threshold=cfg.threshold or None)
 
 
 # Where gates live in a model folder (and in a run folder): a subfolder, because vLLM loads

@@ -38,7 +38,8 @@ def sparse_generate(model, prompts: list[list[int]], sampling: SamplingParams, e
     state.selector.reset()
     fed: list[torch.Tensor] = []  # tokens fed by sparse steps since the last rectification
 
-    def advance(tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def advance(tokens: torch.Tensor, cache: Cache, live: torch.Tensor) -> torch.Tensor:
+        state.live = live  # finished rows stay in the batch; the density counts only the others
         fed.append(tokens)
         if rectify_every and len(fed) == rectify_every:
             recent = torch.stack(fed, dim=1)
@@ -46,4 +47,7 @@ def sparse_generate(model, prompts: list[list[int]], sampling: SamplingParams, e
             return rectify(model, cache, recent, state)
         return model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
 
-    return decode.generate(model, prompts, sampling, eos_ids, pad_id=0, advance=advance)
+    try:
+        return decode.generate(model, prompts, sampling, eos_ids, pad_id=0, advance=advance)
+    finally:
+        state.live = None

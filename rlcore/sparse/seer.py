@@ -69,6 +69,16 @@ def model_rope(x: torch.Tensor, positions: torch.Tensor, rotary_emb) -> torch.Te
     return x * cos + rotate_half(x) * sin
 
 
+def rotary_embedding(config) -> nn.Module:
+    """The model's own RoPE module (what `model.model.rotary_emb` is), on CPU, built from its
+    config alone: the model is instantiated on the meta device only to learn the module's class."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return type(model.model.rotary_emb)(config=config)
+
+
 def invert_model_rope(x: torch.Tensor, positions: torch.Tensor, rotary_emb) -> torch.Tensor:
     """Undo `model_rope`. The model's (cos, sin) are m·(cos θ, sin θ), m being the rope type's
     attention scaling, so the inverse is (x·cos − rotate_half(x)·sin) / (cos² + sin²)."""

@@ -1,18 +1,19 @@
-"""ReSA block-sparse decode steps inside vLLM's CPU build (`rollout.backend=vllm` with
-`rollout.sparse.method=resa`).
+"""Block-sparse decode steps inside vLLM's CPU build (`rollout.backend=vllm` with
+`rollout.sparse.method=resa|seer`).
 
 vLLM picks its attention backend by name from a registry whose entries can be overridden
 (`vllm.v1.attention.backends.registry.register_backend`); on CPUs it always asks for
 CPU_ATTN. `use(selector)` points CPU_ATTN at `SparseCPUAttentionBackend` in this process, where
 the rollout engine runs vLLM (one worker, in-process). The backend is vLLM's own CPU backend
-with one change: a request whose forward has one query token (a decode step) attends to the
-key blocks ReSA selects (rlcore.sparse.resa) through `block_sparse_decode`, the kernel the
-transformers backend uses. Prefill — every forward of more than one token — stays vLLM's dense
-CPU kernel.
+with one change: a request whose forward has one query token (a decode step; also, rarely, a
+prompt's last token left alone by chunked prefill — vLLM's own decode/prefill split is the
+same) attends to the key blocks the selector picks (ReSA's or SeerAttention-R's, as in the
+transformers backend) through `block_sparse_decode`, the kernel that backend uses. Prefill — every forward of
+more than one token — stays vLLM's dense CPU kernel.
 
 What this is, and is not:
   - Same selection and kernel as the transformers backend, over vLLM's paged KV cache: greedy
-    decoding with rectification off matches `rollout.backend=hf` token for token
+    decoding (ReSA with rectification off, Seer) matches `rollout.backend=hf` token for token
     (tests/integration/test_vllm_sparse.py). It shows what sparse rollouts cost in log-prob
     mismatch and accuracy under vLLM's scheduler.
   - Not a speed path. Each step gathers a request's whole K/V out of the paged cache and
@@ -21,7 +22,8 @@ What this is, and is not:
     keeps summaries per physical page, updated when a page fills, and runs the Triton kernel
     over the page table (plan in issue 4's notes).
   - No rectification: vLLM's scheduler has no "re-run these generated tokens densely" step;
-    config validation asks for rectify_every=0. SeerAttention-R gates are not wired in.
+    config validation asks ReSA for rectify_every=0. Seer's gates and RoPE are loaded on CPU
+    from the gate file and the model's config (rlcore.sparse.attention.selector_from_config).
 
 vLLM's CPU key cache layout depends on the instruction set it picked (`layer.isa`): with the
 "vec" kernels a block stores each head's keys dimension-major ([D, block]), values
@@ -30,6 +32,8 @@ the keys it was just given and must find them, else a one-line error.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
@@ -73,6 +77,7 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         if self.kv_cache_dtype != "auto":
             raise ValueError(f"sparse vLLM decoding reads the KV cache as stored; kv_cache_dtype={self.kv_cache_dtype} is not supported")
         self.state = _state
+        self.layer_idx: int | None = None  # from the layer's name, on the first forward (Seer's gates are per layer)
         self.keys_dim_major: bool | None = None  # the key cache layout, found on the first forward
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -80,6 +85,8 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # warm-up
             return output
         key_cache, value_cache = _split(kv_cache)
+        if self.layer_idx is None:
+            self.layer_idx = int(re.search(r"layers\.(\d+)\.", layer.layer_name).group(1))
         if self.keys_dim_major is None:
             self.keys_dim_major = _key_layout(key_cache, key, attn_metadata.slot_mapping,
                                               attn_metadata.num_actual_tokens, layer.isa)
@@ -92,7 +99,7 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
             k, v = self._request_kv(key_cache, value_cache, attn_metadata.block_table[row], kv_len)
             q = query[token : token + 1]  # [1, H_q, D]
             selector = self.state.selector
-            table = selector.select(0, q, k, kv_len, cached=False)
+            table = selector.select(self.layer_idx, q, k, kv_len, cached=False)
             output[token] = block_sparse_decode(q, k, v, table, kv_len, selector.block_size, self.scale)[0]
             self.state.count(table, kv_len)
         return output

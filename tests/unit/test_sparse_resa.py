@@ -27,7 +27,6 @@ def gqa_model():
     ({"sparse.method": "seer", "sparse.gate_path": "/nowhere/gates.safetensors"}, "rollout.sparse.method=seer: no gate file at /nowhere"),
     ({"sparse.method": "resa", "sparse.keep_ratio": 0.0}, "rollout.sparse.keep_ratio=0.0 must be in (0, 1]"),
     ({"sparse.method": "seer", "sparse.budget_tokens": 8}, "rollout.sparse.budget_tokens=8 is less than one block"),
-    ({"backend": "vllm", "sparse.method": "seer"}, "rollout.sparse.method=seer runs in the transformers backend; set rollout.backend=hf"),
     ({"backend": "vllm", "sparse.method": "resa"}, "rollout.sparse.rectify_every=32: vLLM cannot re-run generated tokens densely; set rollout.sparse.rectify_every=0"),
 ])
 def test_bad_sparse_settings_are_one_line_config_errors(overrides, message):
@@ -93,6 +92,20 @@ def test_summaries_are_made_once_per_block_and_truncate_drops_rewritten_ones():
     sel.select(0, torch.randn(1, 1, 4), keys, 41)
     assert calls[-1] == (3, 2)
     assert torch.equal(sel.summaries(0, keys, 41)[:, :, 3], torch.stack([keys[:, :, 24:32].amin(2), keys[:, :, 24:32].amax(2)], 2))
+
+
+def test_density_counts_the_rows_still_writing():
+    """Two rows, one KV head, 4-token blocks, 10 keys (the newest block holds 2): row 0 reads
+    blocks 0 and 2 (6 keys), row 1 all three (10): 16 of 20. With row 1 finished: 6 of 10."""
+    from rlcore.sparse.attention import SparseDecoding
+
+    table = torch.tensor([[[0, 2, -1]], [[0, 1, 2]]])
+    state = SparseDecoding(ReSASelector(block_size=4))
+    state.count(table, kv_len=10)
+    assert (state.kept_keys, state.total_keys) == (16, 20)
+    state = SparseDecoding(ReSASelector(block_size=4), live=torch.tensor([True, False]))
+    state.count(table, kv_len=10)
+    assert (state.kept_keys, state.total_keys) == (6, 10)
 
 
 def test_sparse_loop_with_every_block_kept_equals_dense_generate(gqa_model):
@@ -167,3 +180,31 @@ def test_sparse_loop_on_cuda_uses_the_triton_kernel_and_matches_dense_generate()
     state = install(model, ReSASelector(block_size=16, keep_ratio=0.25, min_blocks=2))  # real sparsity: runs, is sparse
     sparse = sparse_generate(model, [prompt], SamplingParams(n=2, max_new_tokens=32, temperature=0), {0}, state, rectify_every=8)[0]
     assert len(sparse[0].token_ids) == 32 and state.density < 0.5
+
+
+def test_batched_sparse_rollout_counts_what_one_row_at_a_time_counts():
+    """The embedded model on held-out prompts: greedy answers end at different steps, and the
+    sparse loop keeps finished rows in its batch (fed EOS). Its key counts must equal the sums
+    over the same prompts generated one at a time (where a finished row ends its batch)."""
+    from conftest import compose
+
+    from rlcore.data import load_splits
+    from rlcore.models import load_tokenizer
+    from rlcore.rollout.hf import HFRolloutEngine
+
+    cfg = compose("train", ["recipe=opo_math", "data.eval_size=24", "rollout.sparse.method=resa", "rollout.sparse.block_size=4",
+                            "rollout.sparse.keep_ratio=0.5", "rollout.sparse.min_blocks=2", "rollout.sparse.rectify_every=0"])
+    _, held_out = load_splits(cfg.data, load_tokenizer(cfg.model.path))
+    prompts = [p.token_ids for p in held_out]
+    greedy = SamplingParams(n=1, max_new_tokens=64, temperature=0.0)
+    engine = HFRolloutEngine(cfg.model.path, "float32", cfg.rollout.sparse)
+    batched = [g[0].token_ids for g in engine.generate(prompts, greedy)]
+    counts = (engine.sparse.kept_keys, engine.sparse.total_keys)
+    engine.sparse.kept_keys = engine.sparse.total_keys = 0
+    alone = [engine.generate([p], greedy)[0][0].token_ids for p in prompts]
+    assert batched == alone
+    lengths_by_prompt_length = {}
+    for p, t in zip(prompts, batched):
+        lengths_by_prompt_length.setdefault(len(p), set()).add(len(t))
+    assert any(len(v) > 1 for v in lengths_by_prompt_length.values())  # a batch whose rows end apart
+    assert counts == (engine.sparse.kept_keys, engine.sparse.total_keys)
