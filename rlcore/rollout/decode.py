@@ -8,7 +8,7 @@ warper, driven one step at a time instead of through `generate`, for what `gener
 - the cache is preallocated and written in place (DynamicCache concatenates the whole cache at
   every step);
 - the sampled tokens' log-probs come out of the loop directly (no per-step logits kept);
-- a caller may replace the dense step (`advance`): rlcore.sparse runs block-sparse steps and
+- a caller may replace the dense step (an `Advance`): rlcore.sparse runs block-sparse steps and
   ReSA's rectification through it.
 
 Greedy decoding equals transformers' `generate` token for token (tests/unit/test_decode.py).
@@ -18,7 +18,7 @@ On the W1 rollout (8 prompts × 8 samples × ≤ 64 tokens, CPU) this loop took 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Protocol
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -28,9 +28,16 @@ from rlcore.rollout.engine import Completion, SamplingParams, completions
 
 COMPACT_AT = 0.25  # drop finished rows from the batch once this share of it has finished
 
-# advance(tokens [B], cache, live [B]) → next-token logits [B, V]: one decode step fed `tokens`;
-# live marks the rows still writing (the others are fed EOS and their outputs dropped).
-Advance = Callable[[torch.Tensor, Cache, torch.Tensor], torch.Tensor]
+
+class Advance(Protocol):
+    """A replacement for the dense decode step that keeps state per batch row."""
+
+    def __call__(self, tokens: torch.Tensor, cache: Cache, live: torch.Tensor) -> torch.Tensor:
+        """One decode step fed tokens [B] → next-token logits [B, V]; live [B] marks the rows
+        still writing (the others are fed EOS and their outputs dropped)."""
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Only these batch rows from now on, in this order (as the cache's keep_rows)."""
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -107,8 +114,8 @@ def generate(model, prompts: list[list[int]], sampling: SamplingParams, eos_ids:
              advance: Advance | None = None) -> list[list[Completion]]:
     """`sampling.n` completions of each prompt (left-padded into one batch).
 
-    `advance` replaces the dense step; its state is per batch row, so with it the batch keeps
-    every row to the end (finished rows are fed EOS) and prompts must not need padding."""
+    `advance` replaces the dense step (prompts must then not need padding); it is told which
+    rows leave the batch."""
     n, steps, device = sampling.n, sampling.max_new_tokens, model.device
     width = max(len(p) for p in prompts)
     pad = torch.tensor([width - len(p) for p in prompts], device=device)
@@ -135,15 +142,18 @@ def generate(model, prompts: list[list[int]], sampling: SamplingParams, eos_ids:
         live &= ~torch.isin(token, eos)
         if step == steps - 1 or not bool(live.any()):
             break
-        if advance is not None:
-            logits = advance(token, cache, live)
-            continue
         if int((~live).sum()) >= COMPACT_AT * live.numel():
             keep = live.nonzero()[:, 0]
             for layer in cache.layers:
                 layer.keep_rows(keep)
+            if advance is not None:
+                advance.keep_rows(keep)
             out_row, token, mask, first_position, live = (t[keep] for t in (out_row, token, mask, first_position, live))
-        logits = model(input_ids=token[:, None], attention_mask=mask[:, : width + step + 1],
-                       position_ids=(first_position + step)[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        if advance is not None:
+            logits = advance(token, cache, live)
+        else:
+            logits = model(input_ids=token[:, None], attention_mask=mask[:, : width + step + 1],
+                           position_ids=(first_position + step)[:, None], past_key_values=cache,
+                           use_cache=True).logits[:, -1]
     done = completions(out_ids.tolist(), out_logp.tolist(), eos_ids)
     return [done[i * n : (i + 1) * n] for i in range(len(prompts))]

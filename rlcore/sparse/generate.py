@@ -36,18 +36,29 @@ def sparse_generate(model, prompts: list[list[int]], sampling: SamplingParams, e
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("sparse_generate: prompts of one batch must have one length (no padding)")
     state.selector.reset()
-    fed: list[torch.Tensor] = []  # tokens fed by sparse steps since the last rectification
-
-    def advance(tokens: torch.Tensor, cache: Cache, live: torch.Tensor) -> torch.Tensor:
-        state.live = live  # finished rows stay in the batch; the density counts only the others
-        fed.append(tokens)
-        if rectify_every and len(fed) == rectify_every:
-            recent = torch.stack(fed, dim=1)
-            fed.clear()
-            return rectify(model, cache, recent, state)
-        return model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
-
     try:
-        return decode.generate(model, prompts, sampling, eos_ids, pad_id=0, advance=advance)
+        return decode.generate(model, prompts, sampling, eos_ids, pad_id=0, advance=SparseStep(model, state, rectify_every))
     finally:
         state.live = None
+
+
+class SparseStep:
+    """The decode loop's step (rlcore.rollout.decode.Advance): block-sparse, and every f-th one a
+    rectification."""
+
+    def __init__(self, model, state: SparseDecoding, rectify_every: int):
+        self.model, self.state, self.rectify_every = model, state, rectify_every
+        self.fed: list[torch.Tensor] = []  # tokens fed by sparse steps since the last rectification
+
+    def __call__(self, tokens: torch.Tensor, cache: Cache, live: torch.Tensor) -> torch.Tensor:
+        self.state.live = live  # finished rows still in the batch: the density leaves them out
+        self.fed.append(tokens)
+        if self.rectify_every and len(self.fed) == self.rectify_every:
+            recent = torch.stack(self.fed, dim=1)
+            self.fed.clear()
+            return rectify(self.model, cache, recent, self.state)
+        return self.model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.fed = [t[rows] for t in self.fed]
+        self.state.selector.keep_rows(rows)

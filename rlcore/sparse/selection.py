@@ -52,6 +52,10 @@ class BlockSelector:
         """A new batch of sequences: forget every cached summary."""
         self._summaries.clear()
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Only these batch rows, in this order (finished rows leave the decode batch)."""
+        self._summaries = {layer: s[rows] for layer, s in self._summaries.items()}
+
     def truncate(self, kv_len: int) -> None:
         """The cache from position kv_len on will be rewritten: drop the blocks it touches."""
         complete = kv_len // self.block_size

@@ -182,10 +182,12 @@ def test_sparse_loop_on_cuda_uses_the_triton_kernel_and_matches_dense_generate()
     assert len(sparse[0].token_ids) == 32 and state.density < 0.5
 
 
-def test_batched_sparse_rollout_counts_what_one_row_at_a_time_counts():
-    """The embedded model on held-out prompts: greedy answers end at different steps, and the
-    sparse loop keeps finished rows in its batch (fed EOS). Its key counts must equal the sums
-    over the same prompts generated one at a time (where a finished row ends its batch)."""
+@pytest.mark.parametrize("rectify_every", [0, 8])
+def test_batched_sparse_rollout_generates_and_counts_what_one_row_at_a_time_does(rectify_every):
+    """The embedded model on held-out prompts: greedy answers end at different steps; the sparse
+    loop keeps finished rows (fed EOS) until a quarter of its batch has finished, then drops
+    them with their summaries and rectification tokens. Tokens and key counts must equal those
+    of the same prompts generated one at a time (where a finished row ends its batch)."""
     from conftest import compose
 
     from rlcore.data import load_splits
@@ -193,7 +195,8 @@ def test_batched_sparse_rollout_counts_what_one_row_at_a_time_counts():
     from rlcore.rollout.hf import HFRolloutEngine
 
     cfg = compose("train", ["recipe=opo_math", "data.eval_size=24", "rollout.sparse.method=resa", "rollout.sparse.block_size=4",
-                            "rollout.sparse.keep_ratio=0.5", "rollout.sparse.min_blocks=2", "rollout.sparse.rectify_every=0"])
+                            "rollout.sparse.keep_ratio=0.5", "rollout.sparse.min_blocks=2",
+                            f"rollout.sparse.rectify_every={rectify_every}"])
     _, held_out = load_splits(cfg.data, load_tokenizer(cfg.model.path))
     prompts = [p.token_ids for p in held_out]
     greedy = SamplingParams(n=1, max_new_tokens=64, temperature=0.0)
