@@ -81,7 +81,12 @@ def corpus() -> dict[str, list[str]]:
 
 def top_k_entropy(logits: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
     """Entropy (nats) of softmax over the k largest logits, per position: [..., V] → [...]."""
-    logp = torch.log_softmax(logits.float().topk(k, dim=-1).values, dim=-1)
+    return softmax_entropy(logits.topk(k, dim=-1).values)
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax over the last dimension."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -97,7 +102,9 @@ def next_token_predictions(model, batch: list[list[int]]) -> list[tuple[list[flo
     ids = torch.tensor([s + [0] * (width - len(s)) for s in batch])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
     logits = model(input_ids=ids, attention_mask=mask).logits
-    entropy, top = top_k_entropy(logits), logits.topk(TOP_K, dim=-1).indices
+    top = logits.topk(TOP_K, dim=-1)  # the entropy's support and the candidates, in one pass
+    entropy = softmax_entropy(top.values)
+    top = top.indices
     return [([float("nan")] + entropy[i, : len(s) - 1].tolist(), [[]] + top[i, : len(s) - 1].tolist())
             for i, s in enumerate(batch)]
 

@@ -51,10 +51,10 @@ class VLLMRolloutEngine(RolloutEngine):
         build only (rlcore.sparse.vllm_cpu)."""
         on_gpu = torch.cuda.is_available()
         sparse = sparse if sparse is not None and sparse.method != "none" else None
-        if sparse and on_gpu:
-            raise RuntimeError("rollout.sparse with rollout.backend=vllm runs on vLLM's CPU build only; on GPUs use rollout.backend=hf")
         self.sparse = None  # rlcore.sparse.attention.SparseDecoding: selection and its counters
-        if not on_gpu:
+        if on_gpu and sparse:
+            raise RuntimeError("rollout.sparse with rollout.backend=vllm runs on vLLM's CPU build only; on GPUs use rollout.backend=hf")
+        if not on_gpu:  # every CPU engine says which attention it wants: a process may hold one of each
             from rlcore.sparse import vllm_cpu
             from rlcore.sparse.attention import selector_from_config
 

@@ -41,7 +41,7 @@ class SparseDecoding:
     def count(self, table: torch.Tensor, kv_len: int) -> None:
         """Add one decode step's selection (block table [B, H_kv, n_sel]) to the counters."""
         bs = self.selector.block_size
-        newest = kv_len - (-(-kv_len // bs) - 1) * bs  # keys in the newest block: always selected, maybe partial
+        newest = (kv_len - 1) % bs + 1  # keys in the newest block: always selected, maybe partial
         kept = ((table >= 0).sum(-1) - 1) * bs + newest
         if self.live is not None:
             kept = kept[self.live]

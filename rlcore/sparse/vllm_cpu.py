@@ -93,12 +93,12 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         query_lens = attn_metadata.query_start_loc.diff()
         if attn_metadata.max_query_len > 1:  # prefill rows in the batch: dense for all, decode rows redone below
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        selector = self.state.selector
         for row in (query_lens == 1).nonzero().flatten().tolist():
             token = int(attn_metadata.query_start_loc[row])
             kv_len = int(attn_metadata.seq_lens[row])
             k, v = self._request_kv(key_cache, value_cache, attn_metadata.block_table[row], kv_len)
             q = query[token : token + 1]  # [1, H_q, D]
-            selector = self.state.selector
             table = selector.select(self.layer_idx, q, k, kv_len, cached=False)
             output[token] = block_sparse_decode(q, k, v, table, kv_len, selector.block_size, self.scale)[0]
             self.state.count(table, kv_len)
