@@ -12,18 +12,26 @@ What is measured
     both) returned, so the prefill does not dilute the ratio; the total is reported too. EOS is
     ignored so every row generates N tokens.
 
+    --backend vllm: the same through vLLM's CPU build (rlcore.sparse.vllm_cpu; ReSA without
+    rectification there), one engine per setting, prefix caching off in both (sparse settings
+    need it off; dense gets no head start). Decode time = the engine steps that decode only
+    (one token per request), timed at the scheduler (StepClock); steps with a prefill are left out.
+
 Output
     A table, and bench/results/resa_generate.json whose one-line form is the last line
-    printed; `ratio` = dense decode time / ReSA decode time (goal ≥ 2 at s = 0.9).
+    printed; `ratio` = ReSA decode tokens/s ÷ dense decode tokens/s (goal ≥ 2 at s = 0.9);
+    --backend vllm writes resa_generate_vllm.json.
 
     python bench/resa_generate.py                     # 32k context, batch 4, 96 new tokens (~15 min)
     python bench/resa_generate.py --context 16384 --new-tokens 128
+    python bench/resa_generate.py --backend vllm --context 8192 --batch 2 --new-tokens 64
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -67,29 +75,14 @@ def timed_generate(model, prompt, state, new_tokens: int, batch: int, rectify_ev
     return prefill_end[0] - started, ended - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="zoo:smollm2-135m-instruct")
-    parser.add_argument("--context", type=int, default=32768)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--keep-ratio", type=float, default=0.1)
-    parser.add_argument("--min-blocks", type=int, default=16)
-    parser.add_argument("--rectify-every", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "resa_generate.json")
-    args = parser.parse_args()
-
-    from rlcore.models import load_model, load_tokenizer, resolve_model_path
+def hf_rows(args, path: str, prompt: list[int]) -> dict:
+    from rlcore.models import load_model
     from rlcore.sparse.attention import dense, install
     from rlcore.sparse.resa import ReSASelector
 
-    path = resolve_model_path(args.model)
     model = load_model(path, "float32").eval()
     model.config.max_position_embeddings = max(model.config.max_position_embeddings, args.context + args.new_tokens)
-    prompt = long_prompt(load_tokenizer(path), args.context)
     state = install(model, ReSASelector(args.block_size, args.keep_ratio, args.min_blocks))
-
     rows = {}
     for name in ("dense", "resa"):
         mode = dense(state) if name == "dense" else contextlib.nullcontext()
@@ -101,22 +94,108 @@ def main() -> None:
                       "decode_tokens_per_s": round(args.batch * (args.new_tokens - 1) / (total - prefill), 2),
                       "density": round(state.density, 4)}
         print(name, rows[name], flush=True)
-    ratio = rows["dense"]["decode_s"] / rows["resa"]["decode_s"]
+    return rows
+
+
+def vllm_rows(args, path: str, prompt: list[int]) -> dict:
+    import gc
+
+    from omegaconf import OmegaConf
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from rlcore.config import RolloutConfig
+    from rlcore.rollout.vllm import VLLMRolloutEngine
+
+    # Past the model's trained length, as the transformers run (hf_rows): speed, not text, is measured.
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    cfg = OmegaConf.structured(RolloutConfig(backend="vllm"))
+    cfg.vllm.enable_prefix_caching = False
+    cfg.vllm.cpu_kv_cache_gib = args.cpu_kv_cache_gib
+    cfg.sparse.update(method="resa", block_size=args.block_size, keep_ratio=args.keep_ratio,
+                      min_blocks=args.min_blocks, rectify_every=0)
+    rows = {}
+    for name in ("dense", "resa"):
+        engine = VLLMRolloutEngine(path, "float32", cfg.vllm, max_model_len=args.context + args.new_tokens,
+                                   sparse=cfg.sparse if name == "resa" else None)
+        params = SamplingParams(n=args.batch, max_tokens=args.new_tokens, temperature=1.0, seed=0, ignore_eos=True,
+                                detokenize=False)
+        generate = lambda tokens: engine.llm.generate([TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False)  # noqa: E731
+        generate(prompt[:256])  # warm-up, not counted
+        steps = StepClock(engine.llm.llm_engine.engine_core.engine_core.scheduler)
+        started = time.perf_counter()
+        generate(prompt)
+        ended = time.perf_counter()
+        decode_s, decode_tokens = steps.decode(ended)
+        rows[name] = {"total_s": round(ended - started, 2), "decode_s": round(decode_s, 2), "decode_tokens": decode_tokens,
+                      "decode_tokens_per_s": round(decode_tokens / decode_s, 2),
+                      "density": round(engine.sparse.density if engine.sparse else 1.0, 4)}
+        print(name, rows[name], flush=True)
+        engine = generate = None  # the next setting's engine starts in a process without this one
+        gc.collect()
+    return rows
+
+
+class StepClock:
+    """Times vLLM's engine steps from its scheduler's side (the in-process engine core): each
+    step runs from one `schedule()` call to the next. A decode step schedules one token per
+    request; steps with a prefill in them are left out of the decode time."""
+
+    def __init__(self, scheduler):
+        self.marks: list[tuple[float, int, int]] = []  # (start, tokens, requests) per step
+        schedule = scheduler.schedule
+
+        def timed(*args, **kwargs):
+            out = schedule(*args, **kwargs)
+            self.marks.append((time.perf_counter(), out.total_num_scheduled_tokens, len(out.num_scheduled_tokens)))
+            return out
+
+        scheduler.schedule = timed
+
+    def decode(self, ended: float) -> tuple[float, int]:
+        """(seconds, tokens) of the decode-only steps."""
+        ends = [m[0] for m in self.marks[1:]] + [ended]
+        steps = [(end - start, tokens) for (start, tokens, requests), end in zip(self.marks, ends) if 0 < tokens == requests]
+        return sum(s for s, _ in steps), sum(t for _, t in steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="zoo:smollm2-135m-instruct")
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--keep-ratio", type=float, default=0.1)
+    parser.add_argument("--min-blocks", type=int, default=16)
+    parser.add_argument("--rectify-every", type=int, default=32, help="transformers backend only (vLLM: 0)")
+    parser.add_argument("--cpu-kv-cache-gib", type=int, default=8, help="vLLM's KV cache (whole GiB)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    from rlcore.models import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(args.model)
+    prompt = long_prompt(load_tokenizer(path), args.context)
+    rows = (hf_rows if args.backend == "hf" else vllm_rows)(args, path, prompt)
+    ratio = rows["resa"]["decode_tokens_per_s"] / rows["dense"]["decode_tokens_per_s"]
     result = {
         "benchmark": "resa_generate",
         "model": args.model,
+        "backend": args.backend,
         "context": len(prompt),
         "batch": args.batch,
         "new_tokens": args.new_tokens,
         "resa": {"block_size": args.block_size, "keep_ratio": args.keep_ratio, "min_blocks": args.min_blocks,
-                 "rectify_every": args.rectify_every},
+                 "rectify_every": args.rectify_every if args.backend == "hf" else 0},
         "sparsity": round(1 - rows["resa"]["density"], 4),
         "rows": rows,
         "total_ratio": round(rows["dense"]["total_s"] / rows["resa"]["total_s"], 3),
         "ratio": round(ratio, 3),
         "machine": machine(),
     }
-    write_result(result, args.out)
+    write_result(result, args.out or HERE / "results" / f"resa_generate{'_vllm' if args.backend == 'vllm' else ''}.json")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ class VLLMConfig:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     # Tokens one engine step may schedule (long prompts are prefilled in chunks of it, alongside
-    # other requests' decode steps); 0 = vLLM's default.
+    # other requests' decode steps); 0 = vLLM's default. CPU build: no chunked prefill (its
+    # seeded sampling fails on a partly prefilled prompt), so at least the model length.
     max_num_batched_tokens: int = 0
     # CPU build only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: float = 1.0

@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from rlcore.config import ConfigError
 from rlcore.models import load_tokenizer
 from rlcore.rollout.engine import Completion, RolloutEngine, SamplingParams
 
@@ -68,6 +69,12 @@ class VLLMRolloutEngine(RolloutEngine):
 
         self.tokenizer = load_tokenizer(model_path)
         self.can_sleep = on_gpu and sleeps
+        step_budget = cfg.max_num_batched_tokens or None
+        if not on_gpu and step_budget:
+            # vLLM's CPU build fails seeded sampling of a partly prefilled prompt (it rewinds the
+            # request's generator by an offset a CPU generator lacks): no chunked prefill there,
+            # so a step must fit the longest prompt.
+            step_budget = max(step_budget, max_model_len)
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -77,7 +84,8 @@ class VLLMRolloutEngine(RolloutEngine):
             distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else "uni",
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=max_model_len,
-            max_num_batched_tokens=cfg.max_num_batched_tokens or None,
+            enable_chunked_prefill=on_gpu,
+            max_num_batched_tokens=step_budget,
             enforce_eager=cfg.enforce_eager or not on_gpu,
             # Sparse decode steps write K/V that dense ones would not: no reuse of cached blocks,
             # so every prompt (and score()'s prompt + response) is prefilled densely.
@@ -86,6 +94,10 @@ class VLLMRolloutEngine(RolloutEngine):
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightLoader",
         )
+        page = self.llm.llm_engine.vllm_config.cache_config.block_size
+        if self.sparse is not None and page % sparse.block_size:
+            raise ConfigError(f"rollout.sparse.block_size={sparse.block_size} must divide vLLM's page size {page} "
+                              "(a power of two up to it)")
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VLLMSamplingParams

@@ -34,25 +34,29 @@ class SparseDecoding:
 
     selector: BlockSelector
     dense: bool = False  # True: every step dense (prefill, rectification, a dense baseline)
-    kept_keys: int = field(default=0, repr=False)
-    total_keys: int = field(default=0, repr=False)
+    # tensors once counting starts: added to on the decode device, read (synced) by `density`
+    kept_keys: int | torch.Tensor = field(default=0, repr=False)
+    total_keys: int | torch.Tensor = field(default=0, repr=False)
     live: torch.Tensor | None = field(default=None, repr=False)  # [B] rows that count; None: all
 
-    def count(self, table: torch.Tensor, kv_len: int) -> None:
-        """Add one decode step's selection (block table [B, H_kv, n_sel]) to the counters."""
+    def count(self, table: torch.Tensor, kv_len: int | torch.Tensor) -> None:
+        """Add one decode step's selection (block table [B, H_kv, n_sel], row b at kv_len[b]
+        keys) to the counters."""
         bs = self.selector.block_size
+        kv_len = torch.as_tensor(kv_len, device=table.device).expand(table.shape[0])
         newest = (kv_len - 1) % bs + 1  # keys in the newest block: always selected, maybe partial
-        kept = ((table >= 0).sum(-1) - 1) * bs + newest
+        kept = ((table >= 0).sum(-1) - 1) * bs + newest[:, None]  # [B, H_kv]
+        total = kv_len[:, None].expand_as(kept)
         if self.live is not None:
-            kept = kept[self.live]
-        self.kept_keys += int(kept.sum())
-        self.total_keys += kv_len * kept.numel()
+            kept, total = kept[self.live], total[self.live]
+        self.kept_keys = self.kept_keys + kept.sum()
+        self.total_keys = self.total_keys + total.sum()
 
     @property
     def density(self) -> float:
         """Share of the (row, KV head, key) triples that sparse steps of unfinished rows attended
         to so far."""
-        return self.kept_keys / self.total_keys if self.total_keys else 1.0
+        return float(self.kept_keys) / float(self.total_keys) if self.total_keys else 1.0
 
 
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

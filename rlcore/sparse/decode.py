@@ -3,11 +3,12 @@ table selects (SPEC §7, §8).
 
 Approach. Two implementations behind one function:
   - "torch" (the CPU path and the reference): gather the selected blocks' rows of K and V once
-    per (row, KV head) with a single `index_select` on the flattened cache, then two batched
-    matmuls and a masked fp32 softmax; the g query heads of a KV group are the rows of one
-    [g, D] x [D, n_sel·bs] matmul, so they share the gathered K/V (no repeat_kv).
+    per (row, KV head) with a single `index_select` on the flattened cache (through the page
+    table when the cache is paged, as vLLM's is), then two batched matmuls and a masked fp32
+    softmax; the g query heads of a KV group are the rows of one [g, D] x [D, n_sel·bs]
+    matmul, so they share the gathered K/V (no repeat_kv).
   - "triton" (CUDA): the split-K flash-decoding kernel of triton_decode.py, which reads the
-    selected blocks in place through the block table (no gather copy).
+    selected blocks in place through the block table and page table (no gather copy).
 
 Why not an existing library:
   - PyTorch flex_attention + BlockMask. `BlockMask.from_kv_blocks` takes a block table, but
@@ -43,68 +44,80 @@ def block_sparse_decode(
     block_size: int,
     scale: float | None = None,
     impl: str = "auto",
+    page_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of q [B, H_q, D] over the selected key blocks of k_cache/v_cache [B, H_kv, L, D].
+    """Attention of q [B, H_q, D] over the selected key blocks of each row's keys and values.
 
-    block_table [B, H_kv, n_sel] (int32/int64) lists block indices, -1 = padding; positions
-    >= kv_len[b] are ignored. Query head i reads KV head i // (H_q // H_kv). A row/head with
-    no valid key gets zeros. Returns [B, H_q, D] in q's dtype; softmax and sums are fp32.
+    The cache is either contiguous, k_cache/v_cache [B, H_kv, L, D] (row b's position p at
+    [b, :, p]), or paged like vLLM's: [P, H_kv, page, D] with `page_table` [B, pages] (row b's
+    position p at [page_table[b, p // page], :, p % page]; page a multiple of block_size). Any
+    strides: vLLM's CPU key cache is a dimension-major view.
+
+    block_table [B, H_kv, n_sel] (int32/int64) lists block indices of each row's sequence,
+    -1 = padding; positions >= kv_len[b] are ignored. Query head i reads KV head
+    i // (H_q // H_kv). A row/head with no valid key gets zeros. Returns [B, H_q, D] in q's
+    dtype; softmax and sums are fp32.
     """
-    _check_shapes(q, k_cache, v_cache, block_table)
+    _check_shapes(q, k_cache, v_cache, block_table, page_table, block_size)
+    if page_table is None:  # a contiguous cache is a paged one with one page per row
+        page_table = torch.arange(q.shape[0], device=k_cache.device)[:, None]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "auto":
         impl = "triton" if q.is_cuda else "torch"
     if impl == "torch":
-        return _torch_decode(q, k_cache, v_cache, block_table, kv_len, block_size, scale)
+        return _torch_decode(q, k_cache, v_cache, block_table, kv_len, block_size, scale, page_table)
     if impl == "triton":
         from .triton_decode import triton_block_sparse_decode
 
-        return triton_block_sparse_decode(q, k_cache, v_cache, block_table, kv_len, block_size, scale)
+        return triton_block_sparse_decode(q, k_cache, v_cache, block_table, kv_len, block_size, scale, page_table)
     raise ValueError(f"impl must be 'auto', 'torch' or 'triton', not {impl!r}")
 
 
-def _check_shapes(q, k_cache, v_cache, block_table) -> None:
+def _check_shapes(q, k_cache, v_cache, block_table, page_table, block_size) -> None:
     B, H_q, D = q.shape
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be [B, H_kv, L, D]")
-    if k_cache.shape[0] != B or k_cache.shape[3] != D or H_q % k_cache.shape[1]:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be [B or pages, H_kv, L or page, D]")
+    if k_cache.shape[3] != D or H_q % k_cache.shape[1]:
         raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}")
-    if block_table.shape[:2] != k_cache.shape[:2]:
+    if block_table.shape[:2] != (B, k_cache.shape[1]):
         raise ValueError(f"block_table {tuple(block_table.shape)} must be [B, H_kv, n_sel]")
+    if page_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"q {tuple(q.shape)} and the cache {tuple(k_cache.shape)} have different batch sizes")
+    elif page_table.dim() != 2 or page_table.shape[0] != B:
+        raise ValueError(f"page_table {tuple(page_table.shape)} must be [B, pages]")
+    elif k_cache.shape[2] % block_size:
+        raise ValueError(f"page size {k_cache.shape[2]} must be a multiple of block_size {block_size}")
 
 
-def selected_positions(block_table: torch.Tensor, kv_len: int | torch.Tensor, block_size: int, cache_len: int):
-    """Cache positions of the selected blocks, [B, H_kv, n_sel·bs], and which of them to ignore:
-    those of padding entries and those at or after kv_len (<= cache_len). Ignored positions
-    read position 0 instead, a written row (so no NaN from an unwritten cache reaches the
-    weighted sum; when kv_len is 0 everything is ignored and the output is zeroed anyway)."""
-    blocks = block_table.to(torch.long)
-    blocks = blocks.masked_fill(blocks < 0, cache_len)  # padding: positions past the cache, so >= kv_len
-    offsets = torch.arange(block_size, device=blocks.device)
-    pos = (blocks[..., None] * block_size + offsets).flatten(2)
+def selected_positions(block_table: torch.Tensor, kv_len: int | torch.Tensor, block_size: int):
+    """Sequence positions of the selected blocks, [B, H_kv, n_sel·bs], and which of them to
+    ignore: those of padding entries and those at or after kv_len. Ignored positions read
+    position 0 instead, a written one (so no NaN from an unwritten cache reaches the weighted
+    sum; when kv_len is 0 everything is ignored and the output is zeroed anyway)."""
+    offsets = torch.arange(block_size, device=block_table.device)
+    pos = (block_table.to(torch.long)[..., None] * block_size + offsets).flatten(2)
     if isinstance(kv_len, torch.Tensor):
         kv_len = kv_len.to(pos.device).view(-1, 1, 1)
-    ignored = pos >= kv_len
+    ignored = (pos < 0) | (pos >= kv_len)  # padding (-1) blocks have negative positions
     return pos.masked_fill_(ignored, 0), ignored
 
 
-def _gather(cache: torch.Tensor, pos: torch.Tensor, slot: str) -> torch.Tensor:
-    """cache[b, h, pos[b, h, n]] -> [B, H_kv, N, D]: one index_select over the cache's rows of D
-    values (a plain row copy, several times faster on CPU than advanced indexing). The cache
-    may be a view of a larger buffer along L (a preallocated cache's filled prefix): rows are
-    addressed through its strides, so nothing is copied first."""
-    B, H, L, D = cache.shape
-    s_b, s_h, s_l, s_d = cache.stride()
-    if s_d != 1 or s_l != D or s_h % D or s_b % D:
-        rows = torch.arange(B, device=pos.device).view(B, 1, 1)
-        heads = torch.arange(H, device=pos.device).view(1, H, 1)
-        return cache[rows, heads, pos]
-    n_rows = ((B - 1) * s_b + (H - 1) * s_h) // D + L
+def _gather(cache: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor, slot: str) -> torch.Tensor:
+    """cache[pages[b, h, n], h, offsets[b, h, n]] -> [B, H_kv, N, D]. When each position's D
+    values are one contiguous row and rows are D apart (a contiguous cache, a filled prefix of a
+    preallocated one, vLLM's value cache): one index_select over those rows, addressed through
+    the cache's strides (a plain row copy, several times faster on CPU than advanced indexing).
+    Otherwise (vLLM's dimension-major CPU key cache) advanced indexing."""
+    P, H, page, D = cache.shape
+    s_p, s_h, s_l, s_d = cache.stride()
+    if s_d != 1 or s_l != D or s_h % D or s_p % D:
+        return cache[pages, torch.arange(H, device=pages.device).view(1, H, 1), offsets]
+    n_rows = ((P - 1) * s_p + (H - 1) * s_h) // D + page
     table = cache.as_strided((n_rows, D), (D, 1))  # every D-row from the view's first element on
-    base = (torch.arange(B, device=pos.device).view(B, 1, 1) * (s_b // D)
-            + torch.arange(H, device=pos.device).view(1, H, 1) * (s_h // D))
-    out = _scratch(slot, pos.numel() * D, cache.dtype, cache.device).view(-1, D)
-    return torch.index_select(table, 0, (pos + base).flatten(), out=out).view(B, H, -1, D)
+    rows = pages * (s_p // D) + torch.arange(H, device=pages.device).view(1, H, 1) * (s_h // D) + offsets
+    out = _scratch(slot, rows.numel() * D, cache.dtype, cache.device).view(-1, D)
+    return torch.index_select(table, 0, rows.flatten(), out=out).view(*rows.shape, D)
 
 
 _SCRATCH = threading.local()
@@ -125,12 +138,13 @@ def _scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     return buffer[:numel]
 
 
-def _torch_decode(q, k_cache, v_cache, block_table, kv_len, block_size, scale) -> torch.Tensor:
+def _torch_decode(q, k_cache, v_cache, block_table, kv_len, block_size, scale, page_table) -> torch.Tensor:
     B, H_q, D = q.shape
-    H_kv, L = k_cache.shape[1], k_cache.shape[2]
-    pos, ignored = selected_positions(block_table, kv_len, block_size, L)
-    k = _gather(k_cache, pos, "k").float()
-    v = _gather(v_cache, pos, "v").float()
+    H_kv, page = k_cache.shape[1], k_cache.shape[2]
+    pos, ignored = selected_positions(block_table, kv_len, block_size)
+    pages = page_table.to(pos.device, torch.long).gather(1, (pos // page).flatten(1)).view_as(pos)
+    k = _gather(k_cache, pages, pos % page, "k").float()
+    v = _gather(v_cache, pages, pos % page, "v").float()
     qg = q.view(B, H_kv, H_q // H_kv, D).float() * scale
     scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, H_kv, g, N]
     scores.masked_fill_(ignored[:, :, None], float("-inf"))

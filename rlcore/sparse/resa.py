@@ -20,12 +20,12 @@ class ReSASelector(BlockSelector):
     def __init__(self, block_size: int = 16, keep_ratio: float = 0.1, min_blocks: int = 16):
         super().__init__(block_size, keep_ratio=keep_ratio, min_blocks=min_blocks)
 
-    def summarize(self, layer_idx: int, key_blocks: torch.Tensor, first_block: int) -> torch.Tensor:
+    def summarize(self, layer_idx: int, key_blocks: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         """[B, H_kv, n, bs, D] → [B, H_kv, n, 2, D]: elementwise (min, max) over each block."""
         return torch.stack([key_blocks.amin(dim=3), key_blocks.amax(dim=3)], dim=3)
 
     def block_scores(self, layer_idx: int, query: torch.Tensor, summaries: torch.Tensor,
-                     position: int) -> torch.Tensor:
+                     positions: torch.Tensor) -> torch.Tensor:
         b, h_kv, _, _, d = summaries.shape
         q = query.view(b, h_kv, -1, d).float().mean(dim=2) * d**-0.5  # [B, H_kv, D]
         # max(q_j·kmin_j, q_j·kmax_j) is q_j·kmax_j where q_j ≥ 0 and q_j·kmin_j elsewhere

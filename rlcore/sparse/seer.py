@@ -50,21 +50,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE of x [..., n, d] at positions [n] (the Llama convention)."""
+    """Rotate-half RoPE of x [B, H, n, d] at positions [n], or [B, n] (per row), in the Llama
+    convention."""
     d = x.shape[-1]
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = positions.to(x.device, torch.float32)[:, None] * inv_freq[None]
+    angles = positions.to(x.device, torch.float32)[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
+    if positions.dim() == 2:
+        angles = angles[:, None]  # [B, 1, n, d]: the same for every head
     return x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)
 
 
 def _model_cos_sin(x: torch.Tensor, positions: torch.Tensor, rotary_emb):
-    cos, sin = rotary_emb(x, positions[None].to(x.device))  # [1, n, D]
+    position_ids = positions if positions.dim() == 2 else positions[None]
+    cos, sin = rotary_emb(x, position_ids.to(x.device))  # [1 or B, n, D]
     return cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
 
 
 def model_rope(x: torch.Tensor, positions: torch.Tensor, rotary_emb) -> torch.Tensor:
-    """The model's RoPE (Llama's apply_rotary_pos_emb) on x [B, H, n, D] at positions [n]."""
+    """The model's RoPE (Llama's apply_rotary_pos_emb) on x [B, H, n, D] at positions [n] or
+    [B, n]."""
     cos, sin = _model_cos_sin(x, positions, rotary_emb)
     return x * cos + rotate_half(x) * sin
 
@@ -112,14 +117,16 @@ class AttnGate(nn.Module):
         self.w_q = nn.Parameter(torch.empty(num_kv_heads, q_in, d_gate).uniform_(-1, 1) / math.sqrt(q_in))
         self.w_k = nn.Parameter(torch.empty(num_kv_heads, k_in, d_gate).uniform_(-1, 1) / math.sqrt(k_in))
 
-    def block_keys(self, pooled: torch.Tensor, first_block: int = 0) -> torch.Tensor:
-        """Pooled keys [B, H_kv, n, 3D] of blocks first_block… → K_gate [B, H_kv, n, d_gate]."""
+    def block_keys(self, pooled: torch.Tensor, block_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled keys [B, H_kv, n, 3D] of blocks block_ids [n] (default 0…n−1) of their
+        sequence → K_gate [B, H_kv, n, d_gate]."""
         k = torch.einsum("bhnc,hcd->bhnd", pooled.to(self.w_k.dtype), self.w_k)
-        starts = (first_block + torch.arange(k.shape[2], device=k.device)) * self.block_size
-        return rope(k, starts, self.rope_theta)
+        if block_ids is None:
+            block_ids = torch.arange(k.shape[2], device=k.device)
+        return rope(k, block_ids * self.block_size, self.rope_theta)
 
     def queries(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Pre-RoPE queries [B, H_q, T, D] at positions [T] → Q_gate [B, H_kv, T, d_gate]."""
+        """Pre-RoPE queries [B, H_q, T, D] at positions [T] or [B, T] → Q_gate [B, H_kv, T, d_gate]."""
         b, _, t, d = q.shape
         grouped = q.to(self.w_q.dtype).view(b, self.num_kv_heads, self.group, t, d).permute(0, 1, 3, 2, 4)
         qg = torch.einsum("bhtc,hcd->bhtd", grouped.reshape(b, self.num_kv_heads, t, self.group * d), self.w_q)
@@ -202,20 +209,23 @@ class SeerSelector(BlockSelector):
         super().__init__(gate_bs, budget_blocks=budget_blocks, threshold=threshold)
         self.gates, self.rotary_emb = gates, rotary_emb
 
-    def summarize(self, layer_idx: int, key_blocks: torch.Tensor, first_block: int) -> torch.Tensor:
+    def summarize(self, layer_idx: int, key_blocks: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         b, h, n, bs, d = key_blocks.shape
-        positions = torch.arange(first_block * bs, (first_block + n) * bs, device=key_blocks.device)
+        positions = (block_ids[:, None] * bs + torch.arange(bs, device=block_ids.device)).flatten()
         keys = invert_model_rope(key_blocks.float().reshape(b, h, n * bs, d), positions, self.rotary_emb)
         with torch.no_grad():
-            return self.gates[layer_idx].block_keys(pool_blocks(keys.view(b, h, n, bs, d)), first_block)
+            return self.gates[layer_idx].block_keys(pool_blocks(keys.view(b, h, n, bs, d)), block_ids)
 
     def block_scores(self, layer_idx: int, query: torch.Tensor, summaries: torch.Tensor,
-                     position: int) -> torch.Tensor:
+                     positions: torch.Tensor) -> torch.Tensor:
         gate = self.gates[layer_idx]
-        where = torch.tensor([position], device=query.device)
+        where = positions.view(-1, 1)  # [B, 1]: one query per row
         q = invert_model_rope(query.float()[:, :, None], where, self.rotary_emb)
         with torch.no_grad():
-            return gate.logits(gate.queries(q, where), summaries).squeeze(2).softmax(-1)
+            logits = gate.logits(gate.queries(q, where), summaries).squeeze(2)
+        complete = (positions + 1) // self.block_size
+        outside = torch.arange(logits.shape[-1], device=logits.device) >= complete.view(-1, 1, 1)
+        return logits.masked_fill(outside, float("-inf")).softmax(-1)  # over the row's complete blocks
 
 
 # -- saving and loading ---------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Split-K block-sparse flash-decoding in Triton (SPEC §7, §8).
 
-One program per (row b, KV head h, split s). The splits partition the *selected* blocks of
+One program per (row b, KV head h, split s). Keys and values are read through a page table
+(decode.block_sparse_decode: a contiguous cache is one page per row), with any strides, so the
+same kernel reads transformers' cache and vLLM's paged one in place. The splits partition the *selected* blocks of
 block_table[b, h] into runs of equal length; a program loads each of its blocks once, K and V
 [bs, D], and serves the g query heads of the group together: their queries are the rows of a
 [G_PAD, D] tile (g padded to at least 16 rows, tl.dot's minimum), so scores are one
@@ -48,13 +50,14 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, T, KV_LEN, M_PART, L_PART, ACC_PART, O,
+    Q, K, V, T, PT, KV_LEN, M_PART, L_PART, ACC_PART, O,
     stride_qb, stride_qh,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
+    stride_kp, stride_kh, stride_kl, stride_kd,
+    stride_vp, stride_vh, stride_vl, stride_vd,
     stride_tb, stride_th, stride_tn,
+    stride_ptb,
     stride_ob, stride_oh,
-    n_sel, blocks_per_split, qk_scale,
+    n_sel, blocks_per_split, page_size, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
@@ -71,8 +74,6 @@ def _split_kernel(
 
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
     kv_len = tl.load(KV_LEN + b)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
     t_base = T + b * stride_tb + h * stride_th
 
     m = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
@@ -82,16 +83,22 @@ def _split_kernel(
     end = tl.minimum(start + blocks_per_split, n_sel)
     for i in range(start, end):
         block = tl.load(t_base + i * stride_tn).to(tl.int64)
-        pos = block * BS + offs
+        start = block * BS
+        pos = start + offs
         ok = (pos >= 0) & (pos < kv_len)  # a -1 (padding) block has only negative positions
-        k = tl.load(k_base + pos[:, None] * stride_kl + dims[None, :], mask=ok[:, None], other=0.0)
+        # a block lies within one page (page_size is a multiple of BS)
+        page = tl.load(PT + b * stride_ptb + start // page_size, mask=(block >= 0) & (start < kv_len), other=0).to(tl.int64)
+        slot = start % page_size + offs
+        k_ptrs = K + page * stride_kp + h * stride_kh + slot[:, None] * stride_kl + dims[None, :] * stride_kd
+        k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + pos[:, None] * stride_vl + dims[None, :], mask=ok[:, None], other=0.0)
+        v_ptrs = V + page * stride_vp + h * stride_vh + slot[:, None] * stride_vl + dims[None, :] * stride_vd
+        v = tl.load(v_ptrs, mask=ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m = m_new
 
@@ -131,19 +138,21 @@ def _sm_count(device: torch.device) -> int:
     return INTERPRETER_SMS
 
 
-def triton_block_sparse_decode(q, k_cache, v_cache, block_table, kv_len, block_size, scale, splits=None) -> torch.Tensor:
-    """See decode.block_sparse_decode (which checks shapes). `splits` overrides num_splits()."""
+def triton_block_sparse_decode(q, k_cache, v_cache, block_table, kv_len, block_size, scale, page_table,
+                               splits=None) -> torch.Tensor:
+    """See decode.block_sparse_decode (which checks shapes and makes the page table of a
+    contiguous cache). `splits` overrides num_splits()."""
     B, H_q, D = q.shape
     H_kv = k_cache.shape[1]
     g = H_q // H_kv
     n_sel = block_table.shape[2]
     if D < 16 or D & (D - 1) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"head_dim ({D}) and block_size ({block_size}) must be powers of two >= 16")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError("q, k_cache and v_cache need a contiguous last dimension")
+    if q.stride(2) != 1:
+        raise ValueError("q needs a contiguous last dimension")
     if isinstance(kv_len, int):
         kv_len = torch.full((B,), kv_len, dtype=torch.int64, device=q.device)
-    kv_len, block_table = kv_len.to(q.device), block_table.to(q.device)
+    kv_len, block_table, page_table = (t.to(q.device) for t in (kv_len, block_table, page_table))
 
     splits = splits or num_splits(n_sel, B * H_kv, _sm_count(q.device))
     per_split = max(1, math.ceil(n_sel / splits))
@@ -152,13 +161,13 @@ def triton_block_sparse_decode(q, k_cache, v_cache, block_table, kv_len, block_s
     parts = [torch.empty(B, H_q, splits, *extra, dtype=torch.float32, device=q.device) for extra in ((), (), (D,))]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32: exact products; ignored for 16-bit inputs
     _split_kernel[(B, H_kv, splits)](
-        q, k_cache, v_cache, block_table, kv_len, *parts, out,
+        q, k_cache, v_cache, block_table, page_table, kv_len, *parts, out,
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *k_cache.stride(), *v_cache.stride(),
         block_table.stride(0), block_table.stride(1), block_table.stride(2),
+        page_table.stride(0),
         out.stride(0), out.stride(1),
-        n_sel, per_split, scale * math.log2(math.e),
+        n_sel, per_split, k_cache.shape[2], scale * math.log2(math.e),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=D, BS=block_size,
         PRECISION=precision, UPCAST=q.dtype == torch.bfloat16 and not q.is_cuda, SINGLE_SPLIT=splits == 1,
     )

@@ -16,14 +16,14 @@ What this is, and is not:
     decoding (ReSA with rectification off, Seer) matches `rollout.backend=hf` token for token
     (tests/integration/test_vllm_sparse.py). It shows what sparse rollouts cost in log-prob
     mismatch and accuracy under vLLM's scheduler.
-  - Not a speed path. Each step gathers a request's whole K/V out of the paged cache and
-    summarises every key block anew (vLLM reuses pages across requests, so summaries cached
-    per request would go stale); the gather costs what dense attention does. A fast version
-    keeps summaries per physical page, updated when a page fills, and runs the Triton kernel
-    over the page table (plan in issue 4's notes).
+  - Block summaries live per page of vLLM's cache (rlcore.sparse.paged), made once when a block
+    fills; a step's decode rows are selected and attended as one batch, reading only the
+    selected blocks through the page table (no copy of a request's whole K/V).
   - No rectification: vLLM's scheduler has no "re-run these generated tokens densely" step;
     config validation asks ReSA for rectify_every=0. Seer's gates and RoPE are loaded on CPU
     from the gate file and the model's config (rlcore.sparse.attention.selector_from_config).
+  - CPU only: a GPU backend would subclass vLLM's FlashAttention backend the same way and run
+    the Triton kernel of rlcore.sparse.decode over its page table (no GPU here to test it).
 
 vLLM's CPU key cache layout depends on the instruction set it picked (`layer.isa`): with the
 "vec" kernels a block stores each head's keys dimension-major ([D, block]), values
@@ -41,7 +41,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_b
 from vllm.v1.attention.selector import _cached_get_attn_backend
 
 from rlcore.sparse.attention import SparseDecoding
-from rlcore.sparse.decode import block_sparse_decode
+from rlcore.sparse.paged import PagedSummaries, sparse_decode_rows, token_positions
 from rlcore.sparse.selection import BlockSelector
 
 
@@ -77,7 +77,7 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         if self.kv_cache_dtype != "auto":
             raise ValueError(f"sparse vLLM decoding reads the KV cache as stored; kv_cache_dtype={self.kv_cache_dtype} is not supported")
         self.state = _state
-        self.layer_idx: int | None = None  # from the layer's name, on the first forward (Seer's gates are per layer)
+        self.summaries: PagedSummaries | None = None  # made on the first forward, when the layer's index is known
         self.keys_dim_major: bool | None = None  # the key cache layout, found on the first forward
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -85,34 +85,27 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # warm-up
             return output
         key_cache, value_cache = _split(kv_cache)
-        if self.layer_idx is None:
-            self.layer_idx = int(re.search(r"layers\.(\d+)\.", layer.layer_name).group(1))
-        if self.keys_dim_major is None:
-            self.keys_dim_major = _key_layout(key_cache, key, attn_metadata.slot_mapping,
-                                              attn_metadata.num_actual_tokens, layer.isa)
-        query_lens = attn_metadata.query_start_loc.diff()
+        n_tokens = attn_metadata.num_actual_tokens
+        if self.summaries is None:
+            layer_idx = int(re.search(r"layers\.(\d+)\.", layer.layer_name).group(1))  # Seer's gates are per layer
+            self.summaries = PagedSummaries(self.state.selector, layer_idx)
+            self.keys_dim_major = _key_layout(key_cache, key, attn_metadata.slot_mapping, n_tokens, layer.isa)
+        if self.keys_dim_major:  # a logical [pages, H_kv, page, D] view
+            pages, heads, page_size, dim = key_cache.shape
+            key_cache = key_cache.view(pages, heads, dim, page_size).transpose(2, 3)
+        positions = token_positions(attn_metadata.query_start_loc, attn_metadata.seq_lens)
+        self.summaries.update(key_cache, attn_metadata.slot_mapping[:n_tokens], positions)
         if attn_metadata.max_query_len > 1:  # prefill rows in the batch: dense for all, decode rows redone below
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
-        selector = self.state.selector
-        for row in (query_lens == 1).nonzero().flatten().tolist():
-            token = int(attn_metadata.query_start_loc[row])
-            kv_len = int(attn_metadata.seq_lens[row])
-            k, v = self._request_kv(key_cache, value_cache, attn_metadata.block_table[row], kv_len)
-            q = query[token : token + 1]  # [1, H_q, D]
-            table = selector.select(self.layer_idx, q, k, kv_len, cached=False)
-            output[token] = block_sparse_decode(q, k, v, table, kv_len, selector.block_size, self.scale)[0]
+        rows = (attn_metadata.query_start_loc.diff() == 1).nonzero().flatten()
+        if len(rows):
+            tokens = attn_metadata.query_start_loc[rows].long()
+            kv_len = attn_metadata.seq_lens[rows].long()
+            out, table = sparse_decode_rows(self.summaries, query[tokens], key_cache, value_cache,
+                                            attn_metadata.block_table[rows], kv_len, attn_metadata.max_seq_len, self.scale)
+            output[tokens] = out
             self.state.count(table, kv_len)
         return output
-
-    def _request_kv(self, key_cache, value_cache, pages, kv_len: int):
-        """One request's keys and values [1, H_kv, kv_len, D], gathered from its pages."""
-        page_size = key_cache.shape[2]
-        pages = pages[: -(-kv_len // page_size)].long()
-        k = key_cache[pages]  # [n, H_kv, page, D] (a copy), laid out as stored
-        if self.keys_dim_major:
-            k = k.view(k.shape[0], k.shape[1], k.shape[3], page_size).transpose(2, 3)
-        v = value_cache[pages]
-        return [x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])[:, :, :kv_len] for x in (k, v)]
 
 
 def _split(kv_cache: torch.Tensor):

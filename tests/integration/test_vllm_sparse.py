@@ -1,5 +1,6 @@
 """ReSA decode steps inside vLLM's CPU build (rlcore.sparse.vllm_cpu): the same selection and
-kernel as the transformers backend, over vLLM's paged KV cache."""
+kernel as the transformers backend, over vLLM's paged KV cache; and the CPU engine's step
+budget settings."""
 
 import gc
 import re
@@ -21,9 +22,10 @@ from rlcore.rollout.hf import HFRolloutEngine  # noqa: E402
 from rlcore.rollout.vllm import VLLMRolloutEngine  # noqa: E402
 
 GREEDY = SamplingParams(n=1, max_new_tokens=40, temperature=0.0)
-# Prompt lengths cross several 4-token blocks; with chunks of 16 tokens (below) the long
-# prompts are prefilled over several engine steps while the short ones already decode.
-PROMPT_LENGTHS = (5, 23, 41)
+# Prompt lengths cross several 4-token blocks; with a step budget of 128 tokens (the model
+# length: no chunked prefill on CPU) the longest prompt is prefilled in a step where the
+# others already decode.
+PROMPT_LENGTHS = (5, 23, 41, 70)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def prompts(vocab: int = 200) -> list[list[int]]:
 
 def rollout_cfg(backend: str, **sparse):
     cfg = OmegaConf.structured(RolloutConfig(backend=backend))
-    cfg.vllm.max_num_batched_tokens = 16
+    cfg.vllm.max_num_batched_tokens = 128
     for key, value in sparse.items():
         cfg.sparse[key] = value
     return cfg
@@ -124,3 +126,29 @@ def test_bad_vllm_settings_are_one_line_config_errors(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_vllm(cfg)
 
+
+
+def test_a_block_size_that_does_not_divide_vllms_pages_is_a_one_line_error(gqa_model):
+    """vLLM's CPU pages hold 128 tokens; a selector block must lie within one page."""
+    from rlcore.config import ConfigError
+
+    cfg = rollout_cfg("vllm", **{**RESA, "block_size": 48})
+    with pytest.raises(ConfigError, match=re.escape("rollout.sparse.block_size=48 must divide vLLM's page size 128")):
+        VLLMRolloutEngine(gqa_model, "float32", cfg.vllm, max_model_len=128, sparse=cfg.sparse)
+    gc.collect()
+
+
+def test_seeded_sampling_with_prompts_longer_than_the_step_budget(gqa_model):
+    """vLLM's CPU build crashed ("CPU Generator does not use offset") sampling with a seed once a
+    prompt was prefilled over several steps; the engine turns chunked prefill off there. A
+    16-token budget must give the samples the default budget gives."""
+    sampled = SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=5)
+    samples = []
+    for budget in (16, 0):
+        cfg = rollout_cfg("vllm")
+        cfg.vllm.max_num_batched_tokens = budget
+        engine = VLLMRolloutEngine(gqa_model, "float32", cfg.vllm, max_model_len=128)
+        samples.append([c.token_ids for group in engine.generate(prompts(), sampled) for c in group])
+        del engine
+        gc.collect()
+    assert samples[0] == samples[1] and all(len(s) == 8 for s in samples[0])

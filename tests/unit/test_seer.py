@@ -66,7 +66,7 @@ def test_gate_keys_get_rope_at_each_blocks_first_position():
     gate = AttnGate(num_q_heads=4, num_kv_heads=2, head_dim=8, d_gate=16, block_size=BS, rope_theta=500.0)
     pooled = torch.randn(1, 2, 3, 24)
     first_block = 5
-    out = gate.block_keys(pooled, first_block)
+    out = gate.block_keys(pooled, torch.arange(first_block, first_block + 3))
     for h in range(2):
         for j in range(3):
             unrotated = pooled[0, h, j] @ gate.w_k[h]
@@ -176,7 +176,7 @@ def test_selector_matches_the_gate_and_keeps_the_newest_block_within_budget():
         assert torch.all(table[..., -1] == n_blocks - 1)  # the newest block, always
         assert torch.all(table[..., 1:] > table[..., :-1])
         if complete:  # decode-path scores = training-path gate over the complete blocks
-            scores = selector.block_scores(0, q_post[:, :, t], selector.summaries(0, k_post, t + 1), t)
+            scores = selector.block_scores(0, q_post[:, :, t], selector.summaries(0, k_post, t + 1), torch.full((2,), t))
             expected = trained_view[:, :, t, :complete]
             torch.testing.assert_close(scores, expected / expected.sum(-1, keepdim=True), atol=1e-5, rtol=1e-4)
         if n_blocks > 3:  # the two best complete blocks besides the newest one
@@ -190,7 +190,7 @@ def test_threshold_selection_keeps_blocks_above_tau():
     q_post, k_post, _, _ = decode_inputs(model, 40)
     selector = SeerSelector(gates, model.model.rotary_emb, threshold=0.1)
     table = selector.select(0, q_post[:, :, 39], k_post, 40)
-    scores = selector.block_scores(0, q_post[:, :, 39], selector.summaries(0, k_post, 40), 39)
+    scores = selector.block_scores(0, q_post[:, :, 39], selector.summaries(0, k_post, 40), torch.full((2,), 39))
     for b in range(2):
         for h in range(2):
             kept = {int(j) for j in table[b, h] if j >= 0}

@@ -1,7 +1,9 @@
 """Block-sparse decode attention against references built independently of it: a dense fp64
 softmax under an explicit [B, H_q, L] mask made from the block table with Python loops, and
-SDPA over the valid prefix when every block is selected. The Triton kernel runs under the
-Triton interpreter on CPU (in a subprocess, see `interpreter_errors`) and on CUDA when present."""
+SDPA over the valid prefix when every block is selected. Paged caches are the contiguous
+inputs scattered over shuffled pages laid out as vLLM's CPU build lays them out. The Triton
+kernel runs under the Triton interpreter on CPU (in a subprocess, see `interpreter_results`)
+and on CUDA when present."""
 
 from __future__ import annotations
 
@@ -46,6 +48,27 @@ def make_inputs(seed, B, H_q, H_kv, D, bs, L, n_sel, dtype, kv_len=None):
             row = chosen + [-1] * (n_sel - count)
             table[b, h] = torch.tensor(row)[torch.randperm(n_sel, generator=g)]
     return q, k, v, table, kv_len
+
+
+def paged(k, v, page, seed, keys_dim_major):
+    """The cache [B, H, L, D] scattered over shuffled pages of `page` positions, stored as vLLM's
+    CPU build stores them: one [P, H, page, 2·D] buffer whose halves are keys and values, keys
+    dimension-major ([D, page] per head) if asked; two spare pages and unwritten slots are NaN.
+    Returns the key and value caches as logical [P, H, page, D] views and the page table."""
+    B, H, L, D = k.shape
+    n = math.ceil(L / page)
+    P = B * n + 2
+    store = torch.full((P, H, page, 2 * D), float("nan"), dtype=k.dtype)
+    k_pages, v_pages = store.view(P, H, 2 * page, D).chunk(2, dim=2)
+    if keys_dim_major:
+        k_pages = k_pages.view(P, H, D, page).transpose(2, 3)
+    page_table = torch.randperm(P, generator=torch.Generator().manual_seed(seed))[: B * n].view(B, n).to(torch.int32)
+    for b in range(B):
+        for i in range(n):
+            length = min(page, L - i * page)
+            k_pages[page_table[b, i], :, :length] = k[b, :, i * page : i * page + length]
+            v_pages[page_table[b, i], :, :length] = v[b, :, i * page : i * page + length]
+    return k_pages, v_pages, page_table
 
 
 def dense_reference(q, k, v, table, kv_len, bs):
@@ -109,6 +132,26 @@ def test_cache_that_is_a_prefix_view_of_a_preallocated_buffer():
     torch.testing.assert_close(out.double(), dense_reference(q, k, v, table, kv_len, 16), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("keys_dim_major", [False, True], ids=["token-major", "dim-major"])
+@pytest.mark.parametrize("case,page", [(TORCH_CASES[1], 32), (TORCH_CASES[2], 128), (TORCH_CASES[3], 64)])
+def test_paged_cache_matches_dense_masked_reference(case, page, keys_dim_major):
+    """vLLM's paged layout: the page table maps each row's positions to shuffled pages."""
+    B, H_q, H_kv, D, bs, L, n_sel = case
+    q, k, v, table, kv_len = make_inputs(7, *case, torch.float32)
+    k_pages, v_pages, page_table = paged(k, v, page, 7, keys_dim_major)
+    out = block_sparse_decode(q, k_pages, v_pages, table, kv_len, bs, impl="torch", page_table=page_table)
+    torch.testing.assert_close(out.double(), dense_reference(q, k, v, table, kv_len, bs), **TOL[torch.float32])
+
+
+def test_paged_cache_shape_errors():
+    q, k, v, table, kv_len = make_inputs(8, 2, 4, 2, 32, 16, 64, 3, torch.float32)
+    k_pages, v_pages, page_table = paged(k, v, 32, 8, False)
+    with pytest.raises(ValueError, match="page_table"):
+        block_sparse_decode(q, k_pages, v_pages, table, kv_len, 16, page_table=page_table[:1])
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        block_sparse_decode(q, k_pages, v_pages, table, kv_len, 64, page_table=page_table)
+
+
 def test_nothing_selected_gives_zeros():
     q, k, v, table, kv_len = make_inputs(2, 2, 4, 2, 32, 16, 64, 3, torch.float32)
     table[0] = -1
@@ -138,14 +181,17 @@ def test_auto_is_torch_on_cpu_and_bad_impl_raises():
 
 
 # Triton interpreter cases (small: the interpreter is slow): (B, H_q, H_kv, D, bs, L, n_sel), dtype, splits
-# (None = the heuristic; 3 with n_sel 5 leaves the last split one block).
+# (None = the heuristic; 3 with n_sel 5 leaves the last split one block), paged: None (contiguous)
+# or (page, keys dimension-major).
 TRITON_CASES = [
-    ((2, 4, 4, 64, 16, 200, 5), "float32", None),
-    ((2, 6, 2, 64, 16, 160, 5), "float32", 3),
-    ((2, 8, 2, 128, 64, 300, 4), "float32", 2),
-    ((1, 4, 1, 64, 32, 256, 6), "bfloat16", 2),
-    ((2, 8, 2, 64, 16, 128, 5), "bfloat16", None),
-    ((2, 8, 2, 64, 16, 128, 5), "float16", 3),
+    ((2, 4, 4, 64, 16, 200, 5), "float32", None, None),
+    ((2, 6, 2, 64, 16, 160, 5), "float32", 3, None),
+    ((2, 8, 2, 128, 64, 300, 4), "float32", 2, None),
+    ((1, 4, 1, 64, 32, 256, 6), "bfloat16", 2, None),
+    ((2, 8, 2, 64, 16, 128, 5), "bfloat16", None, None),
+    ((2, 8, 2, 64, 16, 128, 5), "float16", 3, None),
+    ((2, 6, 2, 64, 16, 160, 5), "float32", 2, (32, True)),
+    ((2, 8, 2, 64, 16, 200, 5), "bfloat16", None, (64, False)),
 ]
 
 
@@ -155,13 +201,18 @@ def _interpreter_main() -> None:
     from rlcore.sparse.triton_decode import triton_block_sparse_decode
 
     results = []
-    for case, dtype_name, splits in TRITON_CASES:
+    for case, dtype_name, splits, paging in TRITON_CASES:
         dtype = getattr(torch, dtype_name)
         q, k, v, table, kv_len = make_inputs(5, *case, dtype)
-        out = triton_block_sparse_decode(q, k, v, table, kv_len, case[4], case[3] ** -0.5, splits=splits)
+        if paging is None:
+            k_cache, v_cache, page_table = k, v, torch.arange(case[0])[:, None]
+        else:
+            k_cache, v_cache, page_table = paged(k, v, paging[0], 5, paging[1])
+        out = triton_block_sparse_decode(q, k_cache, v_cache, table, kv_len, case[4], case[3] ** -0.5, page_table, splits=splits)
         ref = dense_reference(q, k, v, table, kv_len, case[4])
         close = torch.allclose(out.double(), ref, **TOL[dtype])
-        results.append({"case": repr((case, dtype_name, splits)), "close": close, "max_err": (out.double() - ref).abs().max().item()})
+        results.append({"case": repr((case, dtype_name, splits, paging)), "close": close,
+                        "max_err": (out.double() - ref).abs().max().item()})
     print(json.dumps(results))
 
 
@@ -179,9 +230,9 @@ def interpreter_results():
     return {r["case"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
-@pytest.mark.parametrize("case,dtype_name,splits", TRITON_CASES)
-def test_triton_interpreter_matches_dense_reference(interpreter_results, case, dtype_name, splits):
-    result = interpreter_results[repr((case, dtype_name, splits))]
+@pytest.mark.parametrize("case,dtype_name,splits,paging", TRITON_CASES)
+def test_triton_interpreter_matches_dense_reference(interpreter_results, case, dtype_name, splits, paging):
+    result = interpreter_results[repr((case, dtype_name, splits, paging))]
     assert result["close"], result
 
 

@@ -47,7 +47,7 @@ def test_resa_score_bounds_every_key_of_its_block_and_matches_a_loop():
     keys = torch.randn(b, h_kv, n * bs, d)
     query = torch.randn(b, h_kv * g, d)
     sel = ReSASelector(block_size=bs)
-    scores = sel.block_scores(0, query, sel.summaries(0, keys, n * bs), n * bs - 1)
+    scores = sel.block_scores(0, query, sel.summaries(0, keys, n * bs), torch.full((query.shape[0],), n * bs - 1))
     for bi in range(b):
         for h in range(h_kv):
             q = query[bi, h * g : (h + 1) * g].mean(0) / math.sqrt(d)
@@ -78,9 +78,10 @@ def test_summaries_are_made_once_per_block_and_truncate_drops_rewritten_ones():
     calls = []
 
     class Counting(ReSASelector):
-        def summarize(self, layer_idx, key_blocks, first_block):
-            calls.append((first_block, key_blocks.shape[2]))
-            return super().summarize(layer_idx, key_blocks, first_block)
+        def summarize(self, layer_idx, key_blocks, block_ids):
+            assert torch.equal(block_ids, torch.arange(int(block_ids[0]), int(block_ids[0]) + key_blocks.shape[2]))
+            calls.append((int(block_ids[0]), key_blocks.shape[2]))
+            return super().summarize(layer_idx, key_blocks, block_ids)
 
     keys = torch.randn(1, 1, 64, 4)
     sel = Counting(block_size=8, keep_ratio=0.5, min_blocks=1)
