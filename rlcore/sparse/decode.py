@@ -105,19 +105,44 @@ def selected_positions(block_table: torch.Tensor, kv_len: int | torch.Tensor, bl
 
 def _gather(cache: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor, slot: str) -> torch.Tensor:
     """cache[pages[b, h, n], h, offsets[b, h, n]] -> [B, H_kv, N, D]. When each position's D
-    values are one contiguous row and rows are D apart (a contiguous cache, a filled prefix of a
-    preallocated one, vLLM's value cache): one index_select over those rows, addressed through
-    the cache's strides (a plain row copy, several times faster on CPU than advanced indexing).
-    Otherwise (vLLM's dimension-major CPU key cache) advanced indexing."""
+    values are one contiguous row at a multiple of D (a contiguous cache, a filled prefix of a
+    preallocated one, vLLM's value cache): a row copy (`_copy_runs`). Otherwise advanced indexing."""
     P, H, page, D = cache.shape
     s_p, s_h, s_l, s_d = cache.stride()
+    heads = torch.arange(H, device=pages.device).view(1, H, 1)
     if s_d != 1 or s_l != D or s_h % D or s_p % D:
-        return cache[pages, torch.arange(H, device=pages.device).view(1, H, 1), offsets]
-    n_rows = ((P - 1) * s_p + (H - 1) * s_h) // D + page
-    table = cache.as_strided((n_rows, D), (D, 1))  # every D-row from the view's first element on
-    rows = pages * (s_p // D) + torch.arange(H, device=pages.device).view(1, H, 1) * (s_h // D) + offsets
-    out = _scratch(slot, rows.numel() * D, cache.dtype, cache.device).view(-1, D)
-    return torch.index_select(table, 0, rows.flatten(), out=out).view(*rows.shape, D)
+        return cache[pages, heads, offsets]
+    return _copy_runs(cache, pages * (s_p // D) + heads * (s_h // D) + offsets, D, slot)
+
+
+def _gather_key_blocks_dim_major(cache: torch.Tensor, pages: torch.Tensor, starts: torch.Tensor,
+                                 block_size: int) -> torch.Tensor:
+    """Keys of whole blocks from a cache whose pages store each head's keys dimension-major
+    ([P, H_kv, D, page] in memory, `cache` its [P, H_kv, page, D] view; vLLM's CPU key cache):
+    a block is D runs of block_size keys, copied as runs (`_copy_runs`). pages/starts
+    [B, H_kv, n_sel] locate each selected block's first key. Returns [B, H_kv, n_sel·bs, D]
+    fp32, a view of a [B, H_kv, D, n_sel·bs] tensor (the scores' matmul reads it contiguously).
+    A block's keys past kv_len are read as stored, whatever that is: callers mask their scores
+    (values must not be read this way)."""
+    P, H, page, D = cache.shape
+    s_p, s_h, _, s_d = cache.stride()
+    B, _, n_sel = pages.shape
+    heads = torch.arange(H, device=pages.device).view(1, H, 1)
+    first = (pages * s_p + heads * s_h + starts)[:, :, None, :]  # [B, H, 1, n_sel] offsets of dim 0
+    dims = torch.arange(D, device=pages.device).view(1, 1, D, 1) * s_d
+    runs = _copy_runs(cache, (first + dims) // block_size, block_size, "k")  # [B, H, D, n_sel, bs]
+    return runs.view(B, H, D, n_sel * block_size).float().transpose(2, 3)
+
+
+def _copy_runs(cache: torch.Tensor, runs: torch.Tensor, width: int, slot: str) -> torch.Tensor:
+    """Runs of `width` consecutive elements of cache's memory, run i at element i·width from the
+    view's first element: one index_select over the memory seen as [n, width] rows (a plain
+    copy per run, several times faster on CPU than advanced indexing). Returns
+    [*runs.shape, width], in the per-thread scratch buffer `slot` on CPU."""
+    last = sum((n - 1) * s for n, s in zip(cache.shape, cache.stride()))
+    table = cache.as_strided((last // width + 1, width), (width, 1))
+    out = _scratch(slot, runs.numel() * width, cache.dtype, cache.device).view(-1, width)
+    return torch.index_select(table, 0, runs.flatten(), out=out).view(*runs.shape, width)
 
 
 _SCRATCH = threading.local()
@@ -143,7 +168,11 @@ def _torch_decode(q, k_cache, v_cache, block_table, kv_len, block_size, scale, p
     H_kv, page = k_cache.shape[1], k_cache.shape[2]
     pos, ignored = selected_positions(block_table, kv_len, block_size)
     pages = page_table.to(pos.device, torch.long).gather(1, (pos // page).flatten(1)).view_as(pos)
-    k = _gather(k_cache, pages, pos % page, "k").float()
+    s_p, s_h, s_l, s_d = k_cache.stride()
+    if s_l == 1 and s_p % block_size == s_h % block_size == s_d % block_size == 0:  # dimension-major keys
+        k = _gather_key_blocks_dim_major(k_cache, pages[..., ::block_size], pos[..., ::block_size] % page, block_size)
+    else:
+        k = _gather(k_cache, pages, pos % page, "k").float()
     v = _gather(v_cache, pages, pos % page, "v").float()
     qg = q.view(B, H_kv, H_q // H_kv, D).float() * scale
     scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, H_kv, g, N]

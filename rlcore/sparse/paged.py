@@ -32,7 +32,8 @@ def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> to
 
 
 class PagedSummaries:
-    """One layer's block summaries [pages, H_kv, blocks per page, ...] for one selector."""
+    """One layer's block summaries [pages, blocks per page, H_kv, ...] for one selector (page
+    first and heads inside, so a row's summaries are whole pages read in one index_select)."""
 
     def __init__(self, selector: BlockSelector, layer_idx: int):
         self.selector, self.layer_idx = selector, layer_idx
@@ -52,9 +53,9 @@ class PagedSummaries:
         keys = key_cache[pages[:, None], :, offsets]  # [N, bs, H_kv, D]
         summaries = self.selector.summarize(self.layer_idx, keys.permute(2, 0, 1, 3)[None], block_ids)[0]  # [H_kv, N, ...]
         if self.table is None:
-            shape = (key_cache.shape[0], key_cache.shape[1], page // bs, *summaries.shape[2:])
+            shape = (key_cache.shape[0], page // bs, key_cache.shape[1], *summaries.shape[2:])
             self.table = torch.zeros(shape, dtype=summaries.dtype, device=summaries.device)
-        self.table[pages, :, first // bs] = summaries.transpose(0, 1)
+        self.table[pages, first // bs] = summaries.transpose(0, 1)
 
     def gather(self, page_table: torch.Tensor, kv_len: torch.Tensor, max_kv_len: int) -> torch.Tensor | None:
         """Summaries [R, H_kv, n, ...] of blocks 0…n−1 of each row (n = max_kv_len // bs; a row's
@@ -62,11 +63,14 @@ class PagedSummaries:
         bs, n = self.selector.block_size, max_kv_len // self.selector.block_size
         if self.table is None or n == 0:
             return None
-        per_page = self.table.shape[2]
-        blocks = torch.arange(n, device=kv_len.device)
-        blocks = torch.minimum(blocks, ((kv_len - 1) // bs)[:, None])  # stay within each row's own pages
-        pages = page_table.long().gather(1, blocks // per_page)
-        return self.table[pages, :, blocks % per_page].transpose(1, 2)  # [R, n, H_kv, ...] → [R, H_kv, n, ...]
+        per_page = self.table.shape[1]
+        n_pages = -(-n // per_page)
+        last_page = (kv_len - 1) // (per_page * bs)
+        columns = torch.minimum(torch.arange(n_pages, device=kv_len.device), last_page[:, None])  # each row's own pages
+        pages = page_table.long().gather(1, columns)  # [R, n_pages]
+        table = torch.index_select(self.table, 0, pages.flatten())  # [R·n_pages, per_page, H_kv, ...]
+        table = table.view(len(pages), n_pages * per_page, *self.table.shape[2:])[:, :n]
+        return table.transpose(1, 2)  # [R, n, H_kv, ...] → [R, H_kv, n, ...]
 
 
 def sparse_decode_rows(summaries: PagedSummaries, query: torch.Tensor, key_cache: torch.Tensor,

@@ -11,7 +11,6 @@ from tensordict import TensorDict
 from rlcore.algorithm import ALGORITHMS, LossNorm, build_algorithm, truncated_is_weights
 from rlcore.algorithms.grpo import grpo_advantages
 from rlcore.algorithms.gspo import gspo_loss
-from rlcore.algorithms.opo import opo_advantages
 from rlcore.algorithms import reinforce_pp as rpp
 from rlcore.algorithms.reinforce_pp import reinforce_pp_advantages
 from rlcore.algorithms.rloo import rloo_advantages
