@@ -239,12 +239,15 @@ def test_triton_interpreter_matches_dense_reference(interpreter_results, case, d
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_cuda_matches_torch_impl(dtype):
+@pytest.mark.parametrize("paging", [None, (256, False), (128, True)], ids=["contiguous", "paged", "paged-dim-major"])
+def test_triton_cuda_matches_torch_impl(dtype, paging):
     B, H_q, H_kv, D, bs, L, n_sel = 4, 32, 8, 128, 64, 8192, 24
     q, k, v, table, kv_len = make_inputs(6, B, H_q, H_kv, D, bs, L, n_sel, dtype)
-    q, k, v, table, kv_len = (t.cuda() for t in (q, k, v, table, kv_len))
-    out = block_sparse_decode(q, k, v, table, kv_len, bs)  # auto: Triton on CUDA
-    ref = block_sparse_decode(q, k, v, table, kv_len, bs, impl="torch")
+    k_cache, v_cache, page_table = (k, v, None) if paging is None else paged(k, v, paging[0], 6, paging[1])
+    q, k_cache, v_cache, table, kv_len = (t.cuda() for t in (q, k_cache, v_cache, table, kv_len))
+    page_table = None if page_table is None else page_table.cuda()
+    out = block_sparse_decode(q, k_cache, v_cache, table, kv_len, bs, page_table=page_table)  # auto: Triton on CUDA
+    ref = block_sparse_decode(q, k_cache, v_cache, table, kv_len, bs, impl="torch", page_table=page_table)
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
     dense = dense_reference(*(t.cpu() for t in (q, k, v, table, kv_len)), bs)
     torch.testing.assert_close(out.double().cpu(), dense, **TOL[dtype])
