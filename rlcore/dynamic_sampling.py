@@ -33,7 +33,7 @@ def refill_groups(trajectories: list[Trajectory], sample_more: Callable[[int, in
     unbiased sample of the policy."""
     kept: list[list[Trajectory]] = []
     dropped: list[list[Trajectory]] = []
-    generated = 0
+    generated, missing = 0, groups
     for round_ in range(1, rounds + 1):
         if round_ > 1:
             share = len(kept) / generated
