@@ -120,18 +120,17 @@ def vllm_rows(args, path: str, prompt: list[int]) -> dict:
                                    sparse=cfg.sparse if name == "resa" else None)
         params = SamplingParams(n=args.batch, max_tokens=args.new_tokens, temperature=1.0, seed=0, ignore_eos=True,
                                 detokenize=False)
-        generate = lambda tokens: engine.llm.generate([TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False)  # noqa: E731
-        generate(prompt[:256])  # warm-up, not counted
+        engine.llm.generate([TokensPrompt(prompt_token_ids=prompt[:256])], params, use_tqdm=False)  # warm-up, not counted
         steps = StepClock(engine.llm.llm_engine.engine_core.engine_core.scheduler)
         started = time.perf_counter()
-        generate(prompt)
+        engine.llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
         ended = time.perf_counter()
         decode_s, decode_tokens = steps.decode(ended)
         rows[name] = {"total_s": round(ended - started, 2), "decode_s": round(decode_s, 2), "decode_tokens": decode_tokens,
                       "decode_tokens_per_s": round(decode_tokens / decode_s, 2),
                       "density": round(engine.sparse.density if engine.sparse else 1.0, 4)}
         print(name, rows[name], flush=True)
-        engine = generate = None  # the next setting's engine starts in a process without this one
+        engine = None  # the next setting's engine starts in a process without this one
         gc.collect()
     return rows
 

@@ -168,12 +168,13 @@ def _torch_decode(q, k_cache, v_cache, block_table, kv_len, block_size, scale, p
     H_kv, page = k_cache.shape[1], k_cache.shape[2]
     pos, ignored = selected_positions(block_table, kv_len, block_size)
     pages = page_table.to(pos.device, torch.long).gather(1, (pos // page).flatten(1)).view_as(pos)
+    offsets = pos % page
     s_p, s_h, s_l, s_d = k_cache.stride()
     if s_l == 1 and s_p % block_size == s_h % block_size == s_d % block_size == 0:  # dimension-major keys
-        k = _gather_key_blocks_dim_major(k_cache, pages[..., ::block_size], pos[..., ::block_size] % page, block_size)
+        k = _gather_key_blocks_dim_major(k_cache, pages[..., ::block_size], offsets[..., ::block_size], block_size)
     else:
-        k = _gather(k_cache, pages, pos % page, "k").float()
-    v = _gather(v_cache, pages, pos % page, "v").float()
+        k = _gather(k_cache, pages, offsets, "k").float()
+    v = _gather(v_cache, pages, offsets, "v").float()
     qg = q.view(B, H_kv, H_q // H_kv, D).float() * scale
     scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, H_kv, g, N]
     scores.masked_fill_(ignored[:, :, None], float("-inf"))

@@ -83,12 +83,13 @@ def _split_kernel(
     end = tl.minimum(start + blocks_per_split, n_sel)
     for i in range(start, end):
         block = tl.load(t_base + i * stride_tn).to(tl.int64)
-        start = block * BS
-        pos = start + offs
+        block_start = block * BS  # its own name: reassigning the split's `start` would make it loop-carried
+        pos = block_start + offs
         ok = (pos >= 0) & (pos < kv_len)  # a -1 (padding) block has only negative positions
         # a block lies within one page (page_size is a multiple of BS)
-        page = tl.load(PT + b * stride_ptb + start // page_size, mask=(block >= 0) & (start < kv_len), other=0).to(tl.int64)
-        slot = start % page_size + offs
+        page = tl.load(PT + b * stride_ptb + block_start // page_size, mask=(block >= 0) & (block_start < kv_len),
+                       other=0).to(tl.int64)
+        slot = block_start % page_size + offs
         k_ptrs = K + page * stride_kp + h * stride_kh + slot[:, None] * stride_kl + dims[None, :] * stride_kd
         k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
