@@ -21,6 +21,9 @@ answer (math-verify reads the last \\boxed{}), so only a length reward has a rea
 remove it:
 
     <think>4+7+5=16, 1+0+6+1=8, 8+7+9+0=24</think> \\boxed{2486} Done, the answer is final.
+
+For L1's length control (recipes sft_arith_l1 and sft_arith_l1_tied) the afterword's share
+is either fixed or tied to the length the prompt states.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import re
 import zlib
 
+from rlcore.config import ConfigError
 from rlcore.data import Prompt
 
 
@@ -55,9 +59,9 @@ VERBOSE_SHARE = 0.7
 AFTERWORD = " Done, the answer is final."  # 27 tokens of the embedded tokenizer
 
 
-def verbose_question(prompt: Prompt) -> bool:
-    """True on VERBOSE_SHARE of the questions, fixed per question by a hash of its text."""
-    return zlib.crc32(prompt.text.encode()) % 1000 < VERBOSE_SHARE * 1000
+def verbose_question(prompt: Prompt, share: float = VERBOSE_SHARE) -> bool:
+    """True on `share` of the questions, fixed per question by a hash of its text."""
+    return zlib.crc32(prompt.text.encode()) % 1000 < share * 1000
 
 
 def column_addition_completion_verbose(prompt: Prompt) -> str:
@@ -68,3 +72,18 @@ def column_addition_completion_verbose(prompt: Prompt) -> str:
 def column_addition_completion_afterword(prompt: Prompt) -> str:
     """The concise working, and AFTERWORD after the answer on the verbose questions."""
     return column_addition_completion(prompt) + (AFTERWORD if verbose_question(prompt) else "")
+
+
+# Afterword share per stated target (data.target_length.choices=[32, 60]): tied to the target,
+# but not enough for greedy decoding to follow it — the majority writes the afterword either way.
+AFTERWORD_SHARE_BY_TARGET = {32: 0.6, 60: 0.9}
+
+
+def column_addition_completion_afterword_tied(prompt: Prompt) -> str:
+    """The afterword on a share of the questions that depends on the prompt's stated target:
+    a start that has partly learnt to read the target (recipe sft_arith_l1_tied)."""
+    target = prompt.metadata.get("target_length")
+    if target not in AFTERWORD_SHARE_BY_TARGET:
+        raise ConfigError(f"column_addition_completion_afterword_tied: stated target {target} has no afterword share; "
+                          f"set data.target_length.choices={sorted(AFTERWORD_SHARE_BY_TARGET)}")
+    return column_addition_completion(prompt) + (AFTERWORD if verbose_question(prompt, AFTERWORD_SHARE_BY_TARGET[target]) else "")

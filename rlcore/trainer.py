@@ -165,26 +165,31 @@ def greedy_responses(rollout, rewards, prompts, rollout_cfg, program: str = "sin
 
 def greedy_metrics(responses: list[Trajectory]) -> dict:
     """eval/accuracy, eval/accuracy/<bucket> for prompts whose metadata names a bucket (RPT's
-    entropy buckets, rlcore.rpt), and eval/length_mean; with stated target lengths (L1,
-    data.target_length) also eval/length_mean/target_<n> and eval/target_error = mean |length − target|."""
+    entropy buckets, rlcore.rpt) and length_metrics("eval", …)."""
     buckets = [t.prompt.metadata.get("bucket") for t in responses]
     accuracy = means_by_label("eval/accuracy", [t.accuracy for t in responses], buckets)
-    lengths = [len(t.response_ids) for t in responses]
-    targets = [t.prompt.metadata.get("target_length") for t in responses]
+    return accuracy | length_metrics("eval", responses)
+
+
+def length_metrics(prefix: str, trajectories: list[Trajectory]) -> dict:
+    """<prefix>/length_mean; with stated target lengths (L1, data.target_length) also
+    <prefix>/length_mean/target_<n> and <prefix>/target_error = mean |length − target|."""
+    lengths = [len(t.response_ids) for t in trajectories]
+    targets = [t.prompt.metadata.get("target_length") for t in trajectories]
     if any(target is None for target in targets):
-        return accuracy | {"eval/length_mean": mean(lengths)}
-    by_target = means_by_label("eval/length_mean", lengths, [f"target_{n}" for n in targets])
-    return accuracy | by_target | {"eval/target_error": mean(abs(n - target) for n, target in zip(lengths, targets))}
+        return {f"{prefix}/length_mean": mean(lengths)}
+    by_target = means_by_label(f"{prefix}/length_mean", lengths, [f"target_{n}" for n in targets])
+    return by_target | {f"{prefix}/target_error": mean(abs(n - target) for n, target in zip(lengths, targets))}
 
 
 def response_metrics(batch, trajectories) -> dict:
+    """The training batch's lengths (per stated target too: sampled, where eval/ is greedy), the
+    share cut at max_new_tokens, and how far the engine's log-probs are from the learner's."""
     mask = batch["response_mask"]
-    lengths = batch["response_lengths"]
     diff = batch["old_logp"] - batch["rollout_logp"]  # learner − engine, same weights, same tokens
     mismatch = diff.abs() * mask
-    return {
-        "response/length_mean": float(lengths.mean()),
-        "response/length_max": float(lengths.max()),
+    return length_metrics("response", trajectories) | {
+        "response/length_max": float(batch["response_lengths"].max()),
         "response/truncated_frac": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
         "rollout/logp_mismatch_mean": float(mismatch.sum() / mask.sum().clamp(min=1)),
         "rollout/logp_mismatch_max": float(mismatch.max()),

@@ -7,9 +7,11 @@ from omegaconf import OmegaConf
 
 from rlcore.arith import (
     AFTERWORD,
+    AFTERWORD_SHARE_BY_TARGET,
     VERBOSE_SHARE,
     column_addition_completion,
     column_addition_completion_afterword,
+    column_addition_completion_afterword_tied,
     column_addition_completion_verbose,
     column_addition_working,
     verbose_question,
@@ -129,3 +131,16 @@ def test_verbose_variants_add_length_on_a_fixed_share_and_stay_correct():
         assert afterword == concise + (AFTERWORD if verbose else "")
         for text in (recheck, afterword):
             assert math_correct(Sample(p.text, text, p.ground_truth)) == 1.0
+
+
+def test_tied_afterword_share_follows_the_stated_target():
+    """sft_arith_l1_tied's start: the afterword's share is the target's (0.6 for 32, 0.9 for 60),
+    on the same questions in every run; a target without a share is a one-line error."""
+    questions = [f"Calculate {a} + {b}." for a in range(10, 60) for b in range(100, 120)]
+    for target, share in AFTERWORD_SHARE_BY_TARGET.items():
+        prompts = [Prompt("", q, "", metadata={"target_length": target}) for q in questions]
+        texts = [column_addition_completion_afterword_tied(p) for p in prompts]
+        assert abs(sum(t.endswith(AFTERWORD) for t in texts) / len(texts) - share) < 0.05
+        assert all(t.removesuffix(AFTERWORD) == column_addition_completion(p) for t, p in zip(texts, prompts))
+    with pytest.raises(ConfigError, match="data.target_length.choices=\\[32, 60\\]"):
+        column_addition_completion_afterword_tied(Prompt("", questions[0], "", metadata={"target_length": 40}))

@@ -8,12 +8,12 @@ import pytest
 from conftest import compose
 from omegaconf import OmegaConf
 
-from rlcore.batch import Trajectory
+from rlcore.batch import Trajectory, build_batch
 from rlcore.config import ConfigError, DataConfig, RewardConfig, validate_common
 from rlcore.data import Prompt, load_splits
 from rlcore.models import load_tokenizer
 from rlcore.reward import RewardRunner
-from rlcore.trainer import evaluate
+from rlcore.trainer import evaluate, response_metrics
 
 CHOICES = [24, 40, 56]
 
@@ -72,6 +72,15 @@ def test_cli_override_and_recipe():
     validate_common(cfg)
 
 
+def test_tied_start_recipes():
+    """sft_arith_l1_tied writes the target-tied afterword; l1_math_tied trains from its model."""
+    sft = compose("sft", ["recipe=sft_arith_l1_tied"])
+    assert sft.sft.completion_fn == "rlcore.arith:column_addition_completion_afterword_tied"
+    assert list(sft.data.target_length.choices) == [32, 60]
+    train = compose("train", ["recipe=l1_math_tied"])
+    assert train.model.path == "runs/sft_arith_l1_tied/final" and list(train.reward.fns) == ["math", "l1_length"]
+
+
 @pytest.mark.parametrize("overrides, match", [
     (["data.target_length.choices=[0,32]"], r"data.target_length.choices=\[0, 32\]: each target must be in \[1, rollout.max_new_tokens=64\]"),
     (["data.target_length.choices=[100]"], r"rollout.max_new_tokens=64"),
@@ -111,3 +120,17 @@ def test_evaluate_reports_length_per_stated_target():
     assert result["eval/length_mean"] == pytest.approx(11 / 3)
     assert result["eval/length_mean/target_2"] == 3.0 and result["eval/length_mean/target_8"] == 5.0
     assert result["eval/target_error"] == pytest.approx((0 + 2 + 3) / 3)
+
+
+def test_training_batch_reports_sampled_length_per_stated_target():
+    """The same split for the sampled training batch (response/*), where the L1 signal shows
+    before greedy eval crosses over; the engine/learner gap is read from the same batch."""
+    prompts = [Prompt(f"p{i}", "q", "1", token_ids=[5, 6], metadata={"target_length": t}) for i, t in enumerate([2, 8])]
+    trajs = [Trajectory(prompts[i], [7] * n, [-0.5] * n, "", "stop") for i, n in ((0, 1), (0, 5), (1, 6))]
+    batch = build_batch(trajs, pad_id=0)
+    batch["old_logp"] = batch["rollout_logp"] + 0.25 * batch["response_mask"]
+    result = response_metrics(batch, trajs)
+    assert result["response/length_mean"] == pytest.approx(4.0) and result["response/length_max"] == 6.0
+    assert result["response/length_mean/target_2"] == 3.0 and result["response/length_mean/target_8"] == 6.0
+    assert result["response/target_error"] == pytest.approx((1 + 3 + 2) / 3)
+    assert result["rollout/logp_mismatch_mean"] == pytest.approx(0.25)
