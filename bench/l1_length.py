@@ -7,14 +7,14 @@ Real runs, each its own `rlcore` process, from one of two starts (--start):
      and 90% of the 60-token ones: a weak tie that greedy decoding does not show;
   1. `rlcore train recipe=l1_math` (or l1_math_tied) — OPO with reward = correctness − α·|target − length|.
   2. with --control: the same train run with correctness alone (reward.fns=[math]): what RL
-     does to the lengths without L1's term (correctness-only RL also drops some afterwords).
+     does to the lengths without L1's term.
 From the train run's metrics.jsonl: held-out greedy length per stated target, mean miss
 |length − target| and accuracy, before training and after, and the sampled training lengths per
 target. `ratio` = mean greedy miss after / before (the claim: well below 1, lengths apart by
 target, accuracy kept).
 
     .venv/bin/python bench/l1_length.py --start tied --control   # ~30 min on 2 quiet CPU cores
-    .venv/bin/python bench/l1_length.py --reuse-runs   # only summarise runs/sft_arith_l1, runs/l1_math
+    .venv/bin/python bench/l1_length.py --reuse-runs   # only summarise the runs under runs/
 """
 
 from __future__ import annotations
