@@ -40,15 +40,20 @@ def run_summary(name: str) -> dict:
     return json.loads((ROOT / "runs" / name / "summary.json").read_text())
 
 
-def sft_then_train(sft_recipe: str, train_recipe: str, reuse_runs: bool) -> dict:
-    """`rlcore sft recipe=SFT` then `rlcore train recipe=TRAIN` (with reuse_runs, their runs/<recipe>
-    as they are); the result's `runs`, `sft_summary` and `train_summary`."""
-    runs = [["sft", f"recipe={sft_recipe}"], ["train", f"recipe={train_recipe}"]]
+def sft_then_train(sft_recipe: str, train_recipe: str, reuse_runs: bool, train_overrides: tuple[str, ...] = ()) -> dict:
+    """`rlcore sft recipe=SFT` then `rlcore train recipe=TRAIN OVERRIDES` (with reuse_runs, their
+    runs/<name> as they are); the result's `runs`, `sft_summary` and `train_summary`."""
+    runs = [["sft", f"recipe={sft_recipe}"], ["train", f"recipe={train_recipe}", *train_overrides]]
     if not reuse_runs:
         for args in runs:
             run_rlcore(args)
     return {"runs": ["rlcore " + " ".join(args) for args in runs],
-            "sft_summary": run_summary(sft_recipe), "train_summary": run_summary(train_recipe)}
+            "sft_summary": run_summary(sft_recipe), "train_summary": run_summary(run_name(train_recipe, train_overrides))}
+
+
+def run_name(recipe: str, overrides: tuple[str, ...] = ()) -> str:
+    """The run's name: a `name=` override's, else the recipe's (every recipe names itself)."""
+    return next((o.removeprefix("name=") for o in overrides if o.startswith("name=")), recipe)
 
 
 def held_out_curve(run_dir: Path, key: str = "eval/accuracy") -> dict[int, dict]:

@@ -14,6 +14,7 @@ target. `ratio` = mean greedy miss after / before (the claim: well below 1, leng
 target, accuracy kept).
 
     .venv/bin/python bench/l1_length.py --start tied --control   # ~30 min on 2 quiet CPU cores
+    .venv/bin/python bench/l1_length.py --start tied --seed 1   # the L1 run again, another seed
     .venv/bin/python bench/l1_length.py --reuse-runs   # only summarise the runs under runs/
 """
 
@@ -53,20 +54,22 @@ def main() -> None:
     parser.add_argument("--reuse-runs", action="store_true", help="summarise existing runs instead of running them")
     parser.add_argument("--start", choices=sorted(STARTS), default="ignore", help="the SFT start (see above)")
     parser.add_argument("--control", action="store_true", help="also train the start with correctness alone")
-    parser.add_argument("--out", type=Path, help="default: bench/results/l1_length.json (ignore), l1_length_tied.json (tied)")
+    parser.add_argument("--seed", type=int, default=0, help="trainer.seed of the train runs (the SFT start does not change)")
+    parser.add_argument("--out", type=Path, help="default: bench/results/l1_length[_<start>][_seed<n>].json ('ignore', seed 0: no suffix)")
     args = parser.parse_args()
 
     sft_recipe, train_recipe = STARTS[args.start]
-    runs = sft_then_train(sft_recipe, train_recipe, args.reuse_runs)
-    trained = train_result(ROOT / f"runs/{train_recipe}")
+    seeded = f"{train_recipe}_seed{args.seed}" if args.seed else train_recipe
+    seed_args = (f"trainer.seed={args.seed}", f"name={seeded}") if args.seed else ()
+    runs = sft_then_train(sft_recipe, train_recipe, args.reuse_runs, seed_args)
+    trained = train_result(ROOT / "runs" / seeded)
     before, after = trained["before"], trained["after"]
-    result = {"bench": "l1_length", "start": args.start, "machine": machine(), **runs, **trained}
+    result = {"bench": "l1_length", "start": args.start, "seed": args.seed, "machine": machine(), **runs, **trained}
     if args.control:
-        control = [f"recipe={train_recipe}", f"name={train_recipe}_correctness", "reward.fns=[math]", "~reward.options.l1_length"]
+        control = [f"recipe={train_recipe}", *seed_args[:1], f"name={seeded}_correctness", "reward.fns=[math]", "~reward.options.l1_length"]
         if not args.reuse_runs:
             run_rlcore(["train", *control])
-        result["correctness_only"] = {"run": "rlcore train " + " ".join(control),
-                                      **train_result(ROOT / f"runs/{train_recipe}_correctness")}
+        result["correctness_only"] = {"run": "rlcore train " + " ".join(control), **train_result(ROOT / f"runs/{seeded}_correctness")}
     result["ratio"] = after["eval/target_error"] / before["eval/target_error"]
     print(f"held-out mean |length − target|: {before['eval/target_error']:.1f} → {after['eval/target_error']:.1f} "
           f"(ratio {result['ratio']:.2f}); accuracy {before['eval/accuracy']:.1%} → {after['eval/accuracy']:.1%}")
@@ -74,7 +77,8 @@ def main() -> None:
         alone = result["correctness_only"]["after"]
         print(f"correctness alone: {before['eval/target_error']:.1f} → {alone['eval/target_error']:.1f}; "
               f"accuracy → {alone['eval/accuracy']:.1%}")
-    write_result(result, args.out or ROOT / "bench/results" / ("l1_length.json" if args.start == "ignore" else f"l1_length_{args.start}.json"))
+    suffix = ("" if args.start == "ignore" else f"_{args.start}") + (f"_seed{args.seed}" if args.seed else "")
+    write_result(result, args.out or ROOT / f"bench/results/l1_length{suffix}.json")
 
 
 if __name__ == "__main__":
