@@ -40,20 +40,17 @@ def run_summary(name: str) -> dict:
     return json.loads((ROOT / "runs" / name / "summary.json").read_text())
 
 
-def sft_then_train(sft_recipe: str, train_recipe: str, reuse_runs: bool, train_overrides: tuple[str, ...] = ()) -> dict:
-    """`rlcore sft recipe=SFT` then `rlcore train recipe=TRAIN OVERRIDES` (with reuse_runs, their
-    runs/<name> as they are); the result's `runs`, `sft_summary` and `train_summary`."""
-    runs = [["sft", f"recipe={sft_recipe}"], ["train", f"recipe={train_recipe}", *train_overrides]]
+def sft_then_train(sft_recipe: str, train_recipe: str, reuse_runs: bool, train_name: str | None = None,
+                   train_overrides: tuple[str, ...] = ()) -> dict:
+    """`rlcore sft recipe=SFT` then `rlcore train recipe=TRAIN [name=NAME] OVERRIDES` (with reuse_runs,
+    their runs/<name> as they are); the result's `runs`, `sft_summary` and `train_summary`."""
+    named = (f"name={train_name}",) if train_name else ()
+    runs = [["sft", f"recipe={sft_recipe}"], ["train", f"recipe={train_recipe}", *named, *train_overrides]]
     if not reuse_runs:
         for args in runs:
             run_rlcore(args)
     return {"runs": ["rlcore " + " ".join(args) for args in runs],
-            "sft_summary": run_summary(sft_recipe), "train_summary": run_summary(run_name(train_recipe, train_overrides))}
-
-
-def run_name(recipe: str, overrides: tuple[str, ...] = ()) -> str:
-    """The run's name: a `name=` override's, else the recipe's (every recipe names itself)."""
-    return next((o.removeprefix("name=") for o in overrides if o.startswith("name=")), recipe)
+            "sft_summary": run_summary(sft_recipe), "train_summary": run_summary(train_name or train_recipe)}
 
 
 def held_out_curve(run_dir: Path, key: str = "eval/accuracy") -> dict[int, dict]:

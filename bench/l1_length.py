@@ -59,17 +59,17 @@ def main() -> None:
     args = parser.parse_args()
 
     sft_recipe, train_recipe = STARTS[args.start]
-    seeded = f"{train_recipe}_seed{args.seed}" if args.seed else train_recipe
-    seed_args = (f"trainer.seed={args.seed}", f"name={seeded}") if args.seed else ()
-    runs = sft_then_train(sft_recipe, train_recipe, args.reuse_runs, seed_args)
-    trained = train_result(ROOT / "runs" / seeded)
+    run = f"{train_recipe}_seed{args.seed}" if args.seed else train_recipe
+    seed_args = (f"trainer.seed={args.seed}",) if args.seed else ()
+    runs = sft_then_train(sft_recipe, train_recipe, args.reuse_runs, run if args.seed else None, seed_args)
+    trained = train_result(ROOT / "runs" / run)
     before, after = trained["before"], trained["after"]
     result = {"bench": "l1_length", "start": args.start, "seed": args.seed, "machine": machine(), **runs, **trained}
     if args.control:
-        control = [f"recipe={train_recipe}", *seed_args[:1], f"name={seeded}_correctness", "reward.fns=[math]", "~reward.options.l1_length"]
+        control = [f"recipe={train_recipe}", f"name={run}_correctness", *seed_args, "reward.fns=[math]", "~reward.options.l1_length"]
         if not args.reuse_runs:
             run_rlcore(["train", *control])
-        result["correctness_only"] = {"run": "rlcore train " + " ".join(control), **train_result(ROOT / f"runs/{seeded}_correctness")}
+        result["correctness_only"] = {"run": "rlcore train " + " ".join(control), **train_result(ROOT / f"runs/{run}_correctness")}
     result["ratio"] = after["eval/target_error"] / before["eval/target_error"]
     print(f"held-out mean |length − target|: {before['eval/target_error']:.1f} → {after['eval/target_error']:.1f} "
           f"(ratio {result['ratio']:.2f}); accuracy {before['eval/accuracy']:.1%} → {after['eval/accuracy']:.1%}")
