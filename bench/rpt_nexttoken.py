@@ -3,8 +3,8 @@
 Real runs, each its own process:
   0. `python -m rlcore.rpt` — positions cut from the Python Language Reference, bucketed by
      SmolLM2-135M's top-16 entropy, with its three likeliest next tokens per row;
-  1. `rlcore sft recipe=sft_rpt` — the format cold start (`<think>Candidates: …</think> \\boxed{…}`
-     around the model's own guesses, never the true token);
+  1. `rlcore sft recipe=sft_rpt` — the format cold start (`<think>…the text's last words a</think> \\boxed{a}`,
+     a the model's own likeliest next token, never the true one);
   2. `rlcore train recipe=rpt_nexttoken` — GRPO on the prefix-match reward.
 From the train run's metrics.jsonl: held-out accuracy (greedy, 150 positions from topics training
 never sees) at step 0 (= after the cold start) and at the end. For reference, from the data file:
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from common import ROOT, held_out_curve, machine, sft_then_train, write_result
 
+from rlcore.logging import read_metrics
 from rlcore.metrics import means_by_label
 from rlcore.rewards.rpt import prefix_match
 
@@ -39,6 +40,15 @@ def proxy_reference(rows: list[dict]) -> dict[str, float]:
     top1 = [right(r, r["metadata"]["proxy_top"][0]) for r in rows]
     any_top = [max(right(r, guess) for guess in r["metadata"]["proxy_top"]) for r in rows]
     return means_by_label("proxy/top1", top1, buckets) | means_by_label("proxy/any_candidate", any_top, buckets)
+
+
+def training_signal(metrics: list[dict]) -> dict[str, float]:
+    """How much RL had to learn from, over the training steps: the policy's mean token entropy on
+    its samples, and the share of steps whose gradient was exactly 0 (every group's samples
+    equally rewarded: GRPO's advantages all 0)."""
+    steps = [m for m in metrics if "grad_norm" in m]
+    return {"entropy_mean": sum(m["entropy"] for m in steps) / len(steps),
+            "steps_without_gradient": sum(m["grad_norm"] == 0 for m in steps) / len(steps)}
 
 
 def main() -> None:
@@ -65,11 +75,13 @@ def main() -> None:
         "before": before,
         "after": after,
         "curve": curve,
+        "training_signal": training_signal(read_metrics(ROOT / "runs/rpt_nexttoken")),
         "ratio": after["eval/accuracy"] / before["eval/accuracy"],
     }
     for bucket in ("easy", "medium", "hard"):
         key = f"eval/accuracy/{bucket}"
         print(f"{bucket:>6}: {before[key]:.1%} → {after[key]:.1%}  (proxy top-1 {result['proxy_reference'][f'proxy/top1/{bucket}']:.1%})")
+    print("training signal: " + ", ".join(f"{k} {v:.3f}" for k, v in result["training_signal"].items()))
     print(f"held-out next-token accuracy {before['eval/accuracy']:.1%} → {after['eval/accuracy']:.1%} (ratio {result['ratio']:.2f})")
     write_result(result, args.out)
 

@@ -168,18 +168,22 @@ class WordVocab:
 
 def test_proxy_candidates_keep_the_likeliest_that_can_be_boxed():
     ranked = list(range(10))
-    # special, duplicate after the leading space, braces, backslash, blank and partial characters are skipped
-    assert rpt.proxy_candidates(WordVocab(), ranked) == ["the", "cat", "dog"]
-    assert rpt.proxy_candidates(WordVocab(), ranked, n=4) == ["the", "cat", "dog", "."]
-    assert rpt.proxy_candidates(WordVocab(), [9, 8, 7]) == [".", "dog", "cat"]  # likeliest first, as given
+    # special, the same word without its leading space, braces, backslash, blank and partial characters
+    # are skipped; each keeps the spelling that continues the text
+    assert rpt.proxy_candidates(WordVocab(), ranked) == [" the", " cat", " dog"]
+    assert rpt.proxy_candidates(WordVocab(), ranked, n=4) == [" the", " cat", " dog", "."]
+    assert rpt.proxy_candidates(WordVocab(), [9, 8, 7]) == [".", " dog", " cat"]  # likeliest first, as given
+    assert rpt.proxy_candidates(WordVocab(), [2, 7, 1]) == ["the", " cat"]  # the likelier spelling of "the"
 
 
-def test_cold_start_copies_the_text_end_and_boxes_the_proxys_guess_not_the_truth():
+def test_cold_start_continues_the_text_end_with_the_proxys_guess_not_the_truth():
     context = "one two three four five six seven eight nine ten"
     question = rpt.PROMPT.format(context=context)
     assert rpt.context_of(question) == context
-    completion = rpt.cold_start_completion(Prompt("", question, " cat", metadata={"proxy_top": ["the", "cat", "dog"]}))
-    assert completion == "<think>…three four five six seven eight nine ten → the | cat | dog</think> \\boxed{the}"
+    completion = rpt.cold_start_completion(Prompt("", question, " cat", metadata={"proxy_top": [" the", " cat", "."]}))
+    assert completion == "<think>…three four five six seven eight nine ten the</think> \\boxed{the}"
+    glued = rpt.cold_start_completion(Prompt("", question, " cat", metadata={"proxy_top": [".", " cat"]}))
+    assert glued == "<think>…three four five six seven eight nine ten.</think> \\boxed{.}"
     assert score_response(completion, *THE_CAT) == 1.0      # the guess is right here ...
     assert score_response(completion, " cat.", [4, 5]) == 0.0  # ... and wrong here: the truth is " cat"
     with pytest.raises(ValueError, match="python -m rlcore.rpt"):
@@ -302,3 +306,13 @@ def test_bench_proxy_reference_hand_values():
     assert bench.proxy_reference(rows) == pytest.approx({
         "proxy/top1": 1 / 3, "proxy/top1/easy": 0.5, "proxy/top1/hard": 0.0,
         "proxy/any_candidate": 2 / 3, "proxy/any_candidate/easy": 1.0, "proxy/any_candidate/hard": 0.0})
+
+
+def test_bench_training_signal_hand_values():
+    bench = load_bench_script("rpt_nexttoken")
+    metrics = [{"step": 0, "eval/accuracy": 0.3},  # an eval row: no training step
+               {"step": 1, "grad_norm": 0.0, "entropy": 0.1},
+               {"step": 2, "grad_norm": 0.5, "entropy": 0.3},
+               {"step": 3, "grad_norm": 0.0, "entropy": 0.2},
+               {"step": 4, "grad_norm": 1.2, "entropy": 0.2}]
+    assert bench.training_signal(metrics) == pytest.approx({"entropy_mean": 0.2, "steps_without_gradient": 0.5})
