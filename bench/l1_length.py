@@ -59,9 +59,9 @@ def main() -> None:
     args = parser.parse_args()
 
     sft_recipe, train_recipe = STARTS[args.start]
-    run = f"{train_recipe}_seed{args.seed}" if args.seed else train_recipe
-    seed_args = (f"trainer.seed={args.seed}",) if args.seed else ()
-    runs = sft_then_train(sft_recipe, train_recipe, args.reuse_runs, run if args.seed else None, seed_args)
+    seed_name, seed_args = (f"{train_recipe}_seed{args.seed}", (f"trainer.seed={args.seed}",)) if args.seed else (None, ())
+    run = seed_name or train_recipe
+    runs = sft_then_train(sft_recipe, train_recipe, args.reuse_runs, seed_name, seed_args)
     trained = train_result(ROOT / "runs" / run)
     before, after = trained["before"], trained["after"]
     result = {"bench": "l1_length", "start": args.start, "seed": args.seed, "machine": machine(), **runs, **trained}

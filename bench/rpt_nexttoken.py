@@ -23,6 +23,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from statistics import mean
 
 from common import ROOT, held_out_curve, machine, sft_then_train, write_result
 
@@ -47,8 +48,8 @@ def training_signal(metrics: list[dict]) -> dict[str, float]:
     its samples, and the share of steps whose gradient was exactly 0 (every group's samples
     equally rewarded: GRPO's advantages all 0)."""
     steps = [m for m in metrics if "grad_norm" in m]
-    return {"entropy_mean": sum(m["entropy"] for m in steps) / len(steps),
-            "steps_without_gradient": sum(m["grad_norm"] == 0 for m in steps) / len(steps)}
+    return {"entropy_mean": mean(m["entropy"] for m in steps),
+            "steps_without_gradient": mean(m["grad_norm"] == 0 for m in steps)}
 
 
 def main() -> None:
@@ -61,7 +62,8 @@ def main() -> None:
         print("$ python -m rlcore.rpt", flush=True)
         subprocess.run([sys.executable, "-m", "rlcore.rpt"], cwd=ROOT, check=True)
     runs = sft_then_train("sft_rpt", "rpt_nexttoken", args.reuse_runs)
-    curve = held_out_curve(ROOT / "runs/rpt_nexttoken")
+    train_dir = ROOT / "runs/rpt_nexttoken"
+    curve = held_out_curve(train_dir)
     before, after = curve[min(curve)], curve[max(curve)]
     eval_rows = [json.loads(line) for line in (ROOT / "data/rpt/eval.jsonl").read_text().splitlines()]
     result = {
@@ -75,7 +77,7 @@ def main() -> None:
         "before": before,
         "after": after,
         "curve": curve,
-        "training_signal": training_signal(read_metrics(ROOT / "runs/rpt_nexttoken")),
+        "training_signal": training_signal(read_metrics(train_dir)),
         "ratio": after["eval/accuracy"] / before["eval/accuracy"],
     }
     for bucket in ("easy", "medium", "hard"):
