@@ -14,6 +14,8 @@ how often one of its three candidates is (what choosing among them could reach).
 
     .venv/bin/python bench/rpt_nexttoken.py                # ~60 min on 2 quiet CPU cores
     .venv/bin/python bench/rpt_nexttoken.py --reuse-runs   # only summarise data/rpt, runs/sft_rpt, runs/rpt_nexttoken
+    # RL from the cold start's step-50 checkpoint (less sure of itself) → bench/results/rpt_nexttoken_sft50.json
+    .venv/bin/python bench/rpt_nexttoken.py --name rpt_nexttoken_sft50 model.path=runs/sft_rpt/checkpoints/step_50/model
 """
 
 from __future__ import annotations
@@ -45,24 +47,28 @@ def proxy_reference(rows: list[dict]) -> dict[str, float]:
 
 def training_signal(metrics: list[dict]) -> dict[str, float]:
     """How much RL had to learn from, over the training steps: the policy's mean token entropy on
-    its samples, and the share of steps whose gradient was exactly 0 (every group's samples
-    equally rewarded: GRPO's advantages all 0)."""
+    its samples, the mean share of groups whose samples were not all equally rewarded, and the
+    share of steps whose gradient was exactly 0 (no such group: GRPO's advantages all 0)."""
     steps = [m for m in metrics if "grad_norm" in m]
     return {"entropy_mean": mean(m["entropy"] for m in steps),
+            "informative_groups": mean(m["sampling/informative_frac"] for m in steps),
             "steps_without_gradient": mean(m["grad_norm"] == 0 for m in steps)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reuse-runs", action="store_true", help="summarise existing data and runs instead of making them")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/rpt_nexttoken.json")
+    parser.add_argument("--name", default="rpt_nexttoken", help="the train run's name (runs/<name>)")
+    parser.add_argument("--out", type=Path, help="default: bench/results/<name>.json")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra `rlcore train` overrides, e.g. model.path=runs/sft_rpt/checkpoints/step_50/model")
     args = parser.parse_args()
 
     if not args.reuse_runs:
         print("$ python -m rlcore.rpt", flush=True)
         subprocess.run([sys.executable, "-m", "rlcore.rpt"], cwd=ROOT, check=True)
-    runs = sft_then_train("sft_rpt", "rpt_nexttoken", args.reuse_runs)
-    train_dir = ROOT / "runs/rpt_nexttoken"
+    runs = sft_then_train("sft_rpt", "rpt_nexttoken", args.reuse_runs, args.name, tuple(args.overrides))
+    train_dir = ROOT / "runs" / args.name
     curve = held_out_curve(train_dir)
     before, after = curve[min(curve)], curve[max(curve)]
     eval_rows = [json.loads(line) for line in (ROOT / "data/rpt/eval.jsonl").read_text().splitlines()]
@@ -85,7 +91,7 @@ def main() -> None:
         print(f"{bucket:>6}: {before[key]:.1%} → {after[key]:.1%}  (proxy top-1 {result['proxy_reference'][f'proxy/top1/{bucket}']:.1%})")
     print("training signal: " + ", ".join(f"{k} {v:.3f}" for k, v in result["training_signal"].items()))
     print(f"held-out next-token accuracy {before['eval/accuracy']:.1%} → {after['eval/accuracy']:.1%} (ratio {result['ratio']:.2f})")
-    write_result(result, args.out)
+    write_result(result, args.out or ROOT / "bench/results" / f"{args.name}.json")
 
 
 if __name__ == "__main__":

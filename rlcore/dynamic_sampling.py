@@ -20,6 +20,18 @@ def split_groups(trajectories: list[Trajectory]) -> list[list[Trajectory]]:
     return list(groups.values())
 
 
+def informative(group: list[Trajectory]) -> bool:
+    """Whether the group's rewards differ: a group baseline gives an all-equal group advantage 0."""
+    return len({t.reward for t in group}) > 1
+
+
+def informative_frac(trajectories: list[Trajectory]) -> float:
+    """The share of groups whose rewards differ; the trainer logs it every step as
+    `sampling/informative_frac` (with dynamic sampling: of the first round, before any refill)."""
+    groups = split_groups(trajectories)
+    return sum(map(informative, groups)) / len(groups)
+
+
 def refill_groups(trajectories: list[Trajectory], sample_more: Callable[[int, int], list[Trajectory]], groups: int,
                   rounds: int) -> tuple[list[Trajectory], dict[str, float]]:
     """Dynamic sampling (DAPO): `groups` groups whose rewards are not all equal.
@@ -29,8 +41,8 @@ def refill_groups(trajectories: list[Trajectory], sample_more: Callable[[int, in
     scores the groups of n more prompts, n = the missing count over the share kept so far
     (at most `groups`). If the rounds run out, dropped groups fill the rest, so the batch
     keeps its size; they have advantage 0 under a group baseline. Group ids come back as
-    0..groups−1 in batch order. The reward metrics stay those of the first round, an
-    unbiased sample of the policy."""
+    0..groups−1 in batch order. The reward metrics (and informative_frac) stay those of the
+    first round, an unbiased sample of the policy."""
     kept: list[list[Trajectory]] = []
     dropped: list[list[Trajectory]] = []
     generated, missing = 0, groups
@@ -40,11 +52,8 @@ def refill_groups(trajectories: list[Trajectory], sample_more: Callable[[int, in
             trajectories = sample_more(min(groups, math.ceil(missing / share)) if share else groups, round_ - 1)
         found = split_groups(trajectories)
         for group in found:
-            all_equal = len({t.reward for t in group}) == 1
-            (dropped if all_equal else kept).append(group)
+            (kept if informative(group) else dropped).append(group)
         generated += len(found)
-        if round_ == 1:
-            first_share = len(kept) / generated
         missing = groups - len(kept)
         if missing <= 0:
             break
@@ -55,5 +64,5 @@ def refill_groups(trajectories: list[Trajectory], sample_more: Callable[[int, in
         for t in group:
             t.group_id = gid
             out.append(t)
-    metrics = {"sampling/rounds": float(round_), "sampling/informative_frac": first_share, "sampling/filler_groups": float(fillers)}
+    metrics = {"sampling/rounds": float(round_), "sampling/filler_groups": float(fillers)}
     return out, metrics

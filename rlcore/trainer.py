@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from rlcore.algorithm import build_algorithm
 from rlcore.batch import Trajectory, build_batch
 from rlcore.checkpoint import Checkpointer
-from rlcore.dynamic_sampling import refill_groups
+from rlcore.dynamic_sampling import informative_frac, refill_groups
 from rlcore.cluster import ray_session, thread_counts
 from rlcore.config import longest_request, validate_train
 from rlcore.data import PromptSampler, load_splits
@@ -111,12 +111,13 @@ def train(cfg) -> dict:
 
 
 def generate_and_score(rollout, rewards, program: str, sampling: SamplingParams, prompts, timer) -> tuple[list[Trajectory], dict]:
-    """K samples per prompt, with their rewards filled in; the reward metrics."""
+    """K samples per prompt, with their rewards filled in; the reward metrics and the share of
+    groups whose rewards differ (all-equal groups give GRPO nothing to learn from)."""
     with timer("generate"):
         trajectories = rollout.generate(prompts, program, sampling)
     with timer("reward"):
         metrics = rewards.score(trajectories)
-    return trajectories, metrics
+    return trajectories, metrics | {"sampling/informative_frac": informative_frac(trajectories)}
 
 
 def start_actors(cfg, policy_path: str, **learner_settings) -> tuple[RolloutGroup, LearnerGroup | None]:

@@ -32,6 +32,7 @@ def test_two_steps_two_ranks(tiny_model, tmp_path, zero_stage):
         # the rollout engine and the learner hold the same weights at every step (synced after each update)
         assert r["rollout/logp_mismatch_max"] < 1e-4
         assert r["grad_norm"] > 0 and "kl_ref" in r
+        assert 0 < r["sampling/informative_frac"] <= 1
     assert summary["eval/accuracy_after"] is not None
     assert (tmp_path / "final" / "model.safetensors").exists()
 

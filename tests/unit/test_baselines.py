@@ -17,7 +17,7 @@ from rlcore.algorithms.rloo import rloo_advantages
 from rlcore.batch import Trajectory
 from rlcore.config import ConfigError, validate_train
 from rlcore.data import Prompt
-from rlcore.dynamic_sampling import refill_groups
+from rlcore.dynamic_sampling import informative_frac, refill_groups
 from rlcore.rewards.length import overlong_penalty  # checked against a loop in test_length_rewards
 
 
@@ -198,6 +198,11 @@ def trajectories(reward_groups, first_id=0):
     return out[::2] + out[1::2]
 
 
+def test_informative_frac_counts_groups_whose_rewards_differ():
+    assert informative_frac(trajectories([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.5, 0.2]])) == 0.5
+    assert informative_frac(trajectories([[0.0, 0.0, 0.0]])) == 0.0
+
+
 def test_refill_groups_drops_and_refills():
     calls = []
 
@@ -211,7 +216,7 @@ def test_refill_groups_drops_and_refills():
     assert calls == [(3, 1)]
     assert [t.prompt.id for t in out] == ["p1", "p1", "p100", "p100", "p102", "p102"]
     assert [t.group_id for t in out] == [0, 0, 1, 1, 2, 2]
-    assert metrics == {"sampling/rounds": 2.0, "sampling/informative_frac": pytest.approx(1 / 3), "sampling/filler_groups": 0.0}
+    assert metrics == {"sampling/rounds": 2.0, "sampling/filler_groups": 0.0}
 
 
 def test_refill_groups_fills_with_dropped_groups_when_rounds_run_out():

@@ -311,8 +311,9 @@ def test_bench_proxy_reference_hand_values():
 def test_bench_training_signal_hand_values():
     bench = load_bench_script("rpt_nexttoken")
     metrics = [{"step": 0, "eval/accuracy": 0.3},  # an eval row: no training step
-               {"step": 1, "grad_norm": 0.0, "entropy": 0.1},
-               {"step": 2, "grad_norm": 0.5, "entropy": 0.3},
-               {"step": 3, "grad_norm": 0.0, "entropy": 0.2},
-               {"step": 4, "grad_norm": 1.2, "entropy": 0.2}]
-    assert bench.training_signal(metrics) == pytest.approx({"entropy_mean": 0.2, "steps_without_gradient": 0.5})
+               {"step": 1, "grad_norm": 0.0, "entropy": 0.1, "sampling/informative_frac": 0.0},
+               {"step": 2, "grad_norm": 0.5, "entropy": 0.3, "sampling/informative_frac": 0.5},
+               {"step": 3, "grad_norm": 0.0, "entropy": 0.2, "sampling/informative_frac": 0.0},
+               {"step": 4, "grad_norm": 1.2, "entropy": 0.2, "sampling/informative_frac": 1.0}]
+    assert bench.training_signal(metrics) == pytest.approx(
+        {"entropy_mean": 0.2, "informative_groups": 0.375, "steps_without_gradient": 0.5})
