@@ -41,16 +41,18 @@ def run_summary(name: str) -> dict:
 
 
 def sft_then_train(sft_recipe: str, train_recipe: str, reuse_runs: bool, train_name: str | None = None,
-                   train_overrides: tuple[str, ...] = ()) -> dict:
-    """`rlcore sft recipe=SFT` then `rlcore train recipe=TRAIN [name=NAME] OVERRIDES` (with reuse_runs,
-    their runs/<name> as they are); the result's `runs`, `sft_summary` and `train_summary`."""
-    named = (f"name={train_name}",) if train_name else ()
-    runs = [["sft", f"recipe={sft_recipe}"], ["train", f"recipe={train_recipe}", *named, *train_overrides]]
+                   train_overrides: tuple[str, ...] = (), sft_name: str | None = None) -> dict:
+    """`rlcore sft recipe=SFT [name=SFT_NAME]` then `rlcore train recipe=TRAIN [name=NAME] OVERRIDES`
+    (with reuse_runs, their runs/<name> as they are); the result's `runs`, `sft_summary` and `train_summary`."""
+    def named(name):
+        return (f"name={name}",) if name else ()
+
+    runs = [["sft", f"recipe={sft_recipe}", *named(sft_name)], ["train", f"recipe={train_recipe}", *named(train_name), *train_overrides]]
     if not reuse_runs:
         for args in runs:
             run_rlcore(args)
     return {"runs": ["rlcore " + " ".join(args) for args in runs],
-            "sft_summary": run_summary(sft_recipe), "train_summary": run_summary(train_name or train_recipe)}
+            "sft_summary": run_summary(sft_name or sft_recipe), "train_summary": run_summary(train_name or train_recipe)}
 
 
 def held_out_curve(run_dir: Path, key: str = "eval/accuracy") -> dict[int, dict]:

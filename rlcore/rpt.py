@@ -1,6 +1,6 @@
 """RPT data (SPEC §5): next-token reasoning prompts cut from real text, bucketed by a proxy model's entropy.
 
-    python -m rlcore.rpt                      # → data/rpt/train.jsonl, data/rpt/eval.jsonl (~100 s of CPU time)
+    python -m rlcore.rpt                      # → data/rpt/{train,eval,sft}.jsonl (~100 s of CPU time)
     rlcore sft recipe=sft_rpt                 # the format cold start
     rlcore train recipe=rpt_nexttoken         # reads them (configs/data/rpt.yaml, data.source=hf)
 
@@ -21,6 +21,8 @@ renormalised over them (nats, 0..ln 16 ≈ 2.77): a proper entropy, insensitive 
 tail of the vocabulary. Buckets: easy [0.5, 1.0), medium [1.0, 1.5), hard ≥ 1.5; positions
 below 0.5 are dropped. Each split gets the same number of positions per bucket, at most one
 per bucket per paragraph; held-out positions come from topics the training split never sees.
+The cold start's positions (sft.jsonl) come from the training topics but are never training
+positions (build).
 
 Rows are {question, answer, metadata}, what data.source=hf loads: the question is the
 context and the instruction; the answer is the next token's text (up to the first whole
@@ -212,27 +214,43 @@ def interleave(topics: dict[str, list[str]], names: list[str]) -> list[tuple[str
     return [(name, topics[name][i]) for i in range(longest) for name in names if i < len(topics[name])]
 
 
+def usable_cuts(tokenizer, ids: list[int], top: list[list[int]], positions: list[int]) -> Iterator[tuple[int, dict, list[str]]]:
+    """(t, row, the proxy's boxable candidates) for each of the positions, in order, that makes a row."""
+    for t in positions:
+        row, guesses = cut(tokenizer, ids, t), proxy_candidates(tokenizer, top[t])
+        if row and guesses:
+            yield t, row, guesses
+
+
 def build(model, tokenizer, sizes: dict[str, int], seed: int, batch_size: int = 16) -> dict[str, list[dict]]:
     """split → rows: sizes[split] positions (fewer if its topics run out), spread evenly over the buckets,
-    at most one per bucket per paragraph."""
+    at most one per bucket per paragraph and split.
+
+    The optional `sft` split (sizes["sft"]) holds the format cold start's demonstrations. It comes
+    from the training topics, at other positions than the train split's (the same paragraphs, other
+    cuts), so RL's training positions are as new to the cold-started policy as the held-out ones: a
+    cold start on the train split itself learns its answers by heart (48% on its training positions,
+    29% held out). The train and eval rows are the same with or without it."""
     rng = random.Random(seed)
     topics = corpus()
     rows: dict[str, list[dict]] = {}
-    for split, names in split_topics(topics, sizes, rng).items():
-        quota = {b: sizes[split] // len(BUCKETS) + (i < sizes[split] % len(BUCKETS)) for i, (b, _) in enumerate(BUCKETS)}
-        rows[split] = []
+    for group, names in split_topics(topics, sizes, rng).items():
+        splits = [group] + (["sft"] if group == "train" and sizes.get("sft") else [])
+        quota = {split: {b: sizes[split] // len(BUCKETS) + (i < sizes[split] % len(BUCKETS)) for i, (b, _) in enumerate(BUCKETS)}
+                 for split in splits}
+        rows |= {split: [] for split in splits}
         for topic, ids, entropies, top in scored_paragraphs(model, tokenizer, interleave(topics, names), batch_size):
             for bucket, positions in candidates(entropies).items():
                 rng.shuffle(positions)
-                for t in positions if quota[bucket] else ():
-                    row, guesses = cut(tokenizer, ids, t), proxy_candidates(tokenizer, top[t])
-                    if row and guesses:
+                cuts = usable_cuts(tokenizer, ids, top, positions)
+                for split in splits:
+                    if quota[split][bucket] and (found := next(cuts, None)):
+                        t, row, guesses = found
                         row["metadata"] |= {"bucket": bucket, "entropy": round(entropies[t], 4), "topic": topic, "position": t,
                                             "proxy_top": guesses}
                         rows[split].append(row)
-                        quota[bucket] -= 1
-                        break
-            if not any(quota.values()):
+                        quota[split][bucket] -= 1
+            if not any(n for q in quota.values() for n in q.values()):
                 break
     return rows
 
@@ -242,10 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     from rlcore.models import load_model, load_tokenizer
 
     parser = argparse.ArgumentParser(prog="python -m rlcore.rpt", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="data/rpt", help="directory for train.jsonl and eval.jsonl (default: data/rpt)")
+    parser.add_argument("--out", default="data/rpt", help="directory for train.jsonl, eval.jsonl and sft.jsonl (default: data/rpt)")
     parser.add_argument("--proxy", default="zoo:smollm2-135m-instruct", help="entropy model: HF directory, hub id, zoo:NAME or embedded:NAME")
     parser.add_argument("--train", type=int, default=300, help="training positions (default: 300)")
     parser.add_argument("--eval", type=int, default=150, help="held-out positions (default: 150)")
+    parser.add_argument("--sft", type=int, default=960,
+                        help="cold-start positions from the training topics, none of them a training position (default: 960; 0: no sft.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16, help="paragraphs per proxy forward pass (default: 16)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -254,16 +274,18 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("train", "eval", "batch_size"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
+    if args.sft < 0:
+        parser.error(f"--sft={args.sft} must be >= 0")
     started = time.time()
     try:
         tokenizer, model = load_tokenizer(args.proxy), load_model(args.proxy, args.dtype).eval()
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {str(e).replace('model.path', '--proxy')}\n")
-    sizes = {"train": args.train, "eval": args.eval}
+    sizes = {"train": args.train, "eval": args.eval, "sft": args.sft}
     rows = build(model, tokenizer, sizes, args.seed, args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "eval"):
+    for split in rows:
         path = out / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[split]))
         counts = Counter(r["metadata"]["bucket"] for r in rows[split])

@@ -241,6 +241,17 @@ def test_build_is_deterministic_given_the_seed(built, tokenizer):
     assert rpt.build(CyclingProxy(), tokenizer, {"train": 12, "eval": 6}, seed=4) != built
 
 
+def test_sft_split_cuts_training_topics_elsewhere_and_leaves_the_other_splits_alone(built, tokenizer):
+    with_sft = rpt.build(CyclingProxy(), tokenizer, {"train": 12, "eval": 6, "sft": 6}, seed=3)
+    assert with_sft["train"] == built["train"] and with_sft["eval"] == built["eval"]
+    sft = with_sft["sft"]
+    assert sorted(r["metadata"]["bucket"] for r in sft) == sorted(["easy", "medium", "hard"] * 2)
+    eval_topics = {r["metadata"]["topic"] for r in built["eval"]}
+    assert not {r["metadata"]["topic"] for r in sft} & eval_topics
+    assert not {r["question"] for r in sft} & {r["question"] for r in built["train"]}  # no training cut
+    assert "sft" not in built
+
+
 def test_rows_load_with_the_rpt_data_config(built, tokenizer, tmp_path):
     for split, rows in built.items():
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -253,10 +264,11 @@ def test_rows_load_with_the_rpt_data_config(built, tokenizer, tmp_path):
 
 def test_cli_writes_jsonl(tiny_model, tmp_path, capsys):
     # One position per split goes to the hard bucket, where a random tiny model's entropy (~ln 16) lies.
-    rpt.main(["--out", str(tmp_path), "--proxy", tiny_model, "--train", "1", "--eval", "1", "--dtype", "float32"])
+    rpt.main(["--out", str(tmp_path), "--proxy", tiny_model, "--train", "1", "--eval", "1", "--sft", "1", "--dtype", "float32"])
     out = capsys.readouterr().out
     assert "train.jsonl: 1 positions (easy 0, medium 0, hard 1)" in out and "eval.jsonl: 1 positions" in out
-    for split in ("train", "eval"):
+    assert "sft.jsonl: 1 positions" in out
+    for split in ("train", "eval", "sft"):
         [row] = [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
         assert set(row) == {"question", "answer", "metadata"} and row["metadata"]["bucket"] == "hard"
 
@@ -265,6 +277,9 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         rpt.main(["--out", str(tmp_path), "--train", "0"])
     assert e.value.code == 2 and "--train=0 must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        rpt.main(["--out", str(tmp_path), "--sft", "-1"])
+    assert e.value.code == 2 and "--sft=-1 must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         rpt.main(["--out", str(tmp_path), "--proxy", str(tmp_path / "nope")])
     err = capsys.readouterr().err
@@ -311,9 +326,12 @@ def test_bench_proxy_reference_hand_values():
 def test_bench_training_signal_hand_values():
     bench = load_bench_script("rpt_nexttoken")
     metrics = [{"step": 0, "eval/accuracy": 0.3},  # an eval row: no training step
-               {"step": 1, "grad_norm": 0.0, "entropy": 0.1, "sampling/informative_frac": 0.0},
-               {"step": 2, "grad_norm": 0.5, "entropy": 0.3, "sampling/informative_frac": 0.5},
-               {"step": 3, "grad_norm": 0.0, "entropy": 0.2, "sampling/informative_frac": 0.0},
-               {"step": 4, "grad_norm": 1.2, "entropy": 0.2, "sampling/informative_frac": 1.0}]
+               {"step": 1, "grad_norm": 0.0, "entropy": 0.1, "sampling/informative_frac": 0.0, "reward/mean": 0.0},
+               {"step": 2, "grad_norm": 0.5, "entropy": 0.3, "sampling/informative_frac": 0.5, "reward/mean": 0.25},
+               {"step": 3, "grad_norm": 0.0, "entropy": 0.2, "sampling/informative_frac": 0.0, "reward/mean": 1.0},
+               {"step": 4, "grad_norm": 1.2, "entropy": 0.2, "sampling/informative_frac": 1.0, "reward/mean": 0.5}]
     assert bench.training_signal(metrics) == pytest.approx(
-        {"entropy_mean": 0.2, "informative_groups": 0.375, "steps_without_gradient": 0.5})
+        {"entropy_mean": 0.2, "informative_groups": 0.375, "steps_without_gradient": 0.5,
+         "reward_first_quarter": 0.0, "reward_last_quarter": 0.5})  # a quarter of 4 steps: 1
+    older = [{k: v for k, v in m.items() if k != "sampling/informative_frac"} for m in metrics]
+    assert "informative_groups" not in bench.training_signal(older)
