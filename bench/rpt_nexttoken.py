@@ -75,10 +75,11 @@ def on_training_positions(models: dict[str, str], reuse_runs: bool) -> dict[str,
     out = {}
     for label, model in models.items():
         name = f"{label}_on_training_positions"
-        if not reuse_runs or not (ROOT / "runs" / name / "eval.json").exists():
+        result = ROOT / "runs" / name / "eval.json"
+        if not reuse_runs or not result.exists():
             run_rlcore(["eval", "model=smollm2_135m", f"model.path={model}", "data=rpt", "reward=rpt",
                         "data.eval_path=data/rpt/train.jsonl", f"name={name}"])
-        out[label] = json.loads((ROOT / "runs" / name / "eval.json").read_text())["eval/accuracy"]
+        out[label] = json.loads(result.read_text())["eval/accuracy"]
     return out
 
 
@@ -100,8 +101,8 @@ def main() -> None:
     curve = held_out_curve(train_dir)
     before, after = curve[min(curve)], curve[max(curve)]
     start = train_config(["recipe=rpt_nexttoken", *args.overrides]).model.path
-    # runs/<name>/final, not the summary's absolute final_model: a run directory may have been renamed since
-    training_positions = on_training_positions({f"{args.name}_start": start, args.name: f"runs/{args.name}/final"},
+    # the run directory's final/, not the summary's absolute final_model: a run directory may have been renamed since
+    training_positions = on_training_positions({f"{args.name}_start": start, args.name: str(train_dir / "final")},
                                                args.reuse_runs)
     eval_rows = [json.loads(line) for line in (ROOT / "data/rpt/eval.jsonl").read_text().splitlines()]
     result = {
