@@ -23,6 +23,20 @@ def thread_counts(cluster_cfg, rollout_workers: int, learner_ranks: int) -> tupl
     return max(1, cpus // rollout_workers), max(1, cpus // learner_ranks)
 
 
+def node_ip() -> str:
+    """The address of this process's node in the Ray cluster: the one the other nodes reach it at."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def interface_holding(ip: str) -> str | None:
+    """The name of this machine's network interface that has address `ip`; None if none has it."""
+    import psutil
+
+    return next((name for name, addresses in psutil.net_if_addrs().items() if any(a.address == ip for a in addresses)), None)
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 

@@ -97,7 +97,8 @@ def train(cfg) -> dict:
             if checkpoints.due(step, steps):
                 checkpoints.save(step, learner, {"sampler": sampler.state_dict(), "reward": rewards.state_dict(), "accuracy_before": state["accuracy_before"]}, model_path)
 
-        summary = {"steps": steps, "eval/accuracy_before": state["accuracy_before"]}
+        summary = {"steps": steps, "eval/accuracy_before": state["accuracy_before"],
+                   "actor_nodes": {"rollout": rollout.nodes(), "learner": learner.nodes()}}
         if cfg.trainer.eval_after:
             after = evaluate(rollout, rewards, eval_set, cfg.rollout)
             log.log(steps, after)

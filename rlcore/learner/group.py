@@ -32,6 +32,10 @@ class LearnerGroup:
             for r in self.ranks
         ])
 
+    def nodes(self) -> list[str]:
+        """The node address of each rank, in rank order."""
+        return ray.get([r.node_ip.remote() for r in self.ranks])
+
     def compute_logprobs(self, batch, algorithm) -> dict[str, float]:
         """Add old_logp (and ref_logp) to the batch before the update; return the entropy.
         With learner.old_logprob_pass=auto and one optimizer step per batch, old_logp comes

@@ -34,6 +34,7 @@ import torch
 from rlcore.algorithm import LossNorm
 from rlcore.batch import micro_batches, pad_response
 from rlcore.checkpoint import rng_state, set_rng_state
+from rlcore.cluster import interface_holding, node_ip
 from rlcore.models import load_model, resolve_model_path, response_logprobs
 
 
@@ -98,11 +99,12 @@ class LearnerRank:
         self.rank, self.world_size = rank, world_size
         torch.set_num_threads(threads)
 
+    def node_ip(self) -> str:
+        return node_ip()
+
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the process group: this node's IP and a free port."""
-        import ray
-
-        return ray.util.get_node_ip_address(), free_port()
+        return node_ip(), free_port()
 
     def setup(self, master: tuple[str, int], model_path: str, ref_path: str | None, dtype: str, cfg, temperature: float,
               total_optimizer_steps: int, grad_accum: int, seed: int):
@@ -111,6 +113,13 @@ class LearnerRank:
             WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
         )
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        if self.world_size > 1 and not torch.cuda.is_available() and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # gloo offers its peers the address this host's name resolves to: often a loopback
+            # address (Debian's /etc/hosts gives it 127.0.1.1), which ranks on other nodes cannot
+            # reach. The interface of the node's Ray address is one they can.
+            interface = interface_holding(node_ip())
+            if interface:
+                os.environ["GLOO_SOCKET_IFNAME"] = interface
         import deepspeed
 
         deepspeed.utils.logger.setLevel(logging.WARNING)

@@ -9,6 +9,7 @@ import ray
 import torch
 
 from rlcore.batch import Trajectory
+from rlcore.cluster import node_ip
 from rlcore.data import Prompt
 from rlcore.placement import cpu_options
 from rlcore.rollout.engine import SamplingParams
@@ -50,6 +51,9 @@ class RolloutWorker:
     def wake(self) -> None:
         self.engine.wake()
 
+    def node_ip(self) -> str:
+        return node_ip()
+
 
 class RolloutGroup:
     """Splits a step's prompts over the workers; seeds each call so a resumed run samples the same."""
@@ -78,6 +82,10 @@ class RolloutGroup:
                 t.group_id = t.group_id * n + i
                 trajectories.append(t)
         return trajectories
+
+    def nodes(self) -> list[str]:
+        """The node address of each worker."""
+        return ray.get([w.node_ip.remote() for w in self.workers])
 
     def load_weights(self, state_ref) -> None:
         """`state_ref`: a Ray reference to a {name: tensor} dict, fetched by each worker from the object store."""

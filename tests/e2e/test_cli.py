@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from rlcore.cluster import interface_holding
+
 from conftest import FAST
 
 RLCORE = [sys.executable, "-m", "rlcore.cli"]
@@ -58,6 +60,8 @@ def test_three_step_recipe_then_plot_and_eval(tiny_model, tmp_path):
     assert all(r["ratio_max_dev"] < 1e-3 for r in steps)  # OPO: exactly on-policy
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {"eval/accuracy_before", "eval/accuracy_after", "peak_memory_gib"} <= set(summary)
+    [node] = set(summary["actor_nodes"]["rollout"] + summary["actor_nodes"]["learner"])  # one machine, one Ray node
+    assert interface_holding(node) is not None  # an address of this machine
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_3"]
     assert (run_dir / "final" / "model.safetensors").exists() and (run_dir / "final" / "tokenizer.json").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))

@@ -97,7 +97,7 @@ def test_script_starts_head_and_worker_then_trains_then_stops_ray(tmp_path):
             f"--min-worker-port={port + 100} --max-worker-port={port + 499}")
     head = f"{node} --head --port={port} --include-dashboard=false"
     worker = f"{node} --address=127.0.0.1:{port}"
-    srun = "srun --nodes=1 --ntasks-per-node=1 --exclude=localhost --cpus-per-task=4 bash -c"
+    srun = "srun --nodes=1 --ntasks=1 --ntasks-per-node=1 --exclude=localhost --cpus-per-task=4 bash -c"
     # Both nodes are up (the worker joins a second late) before training starts.
     assert set(calls[:3]) == {head, f"{srun} ray_node --address=\"$0\" 127.0.0.1:{port}", worker}
     train = [c.removeprefix("rlcore arg: ") for c in calls if c.startswith("rlcore arg: ")]
