@@ -6,6 +6,10 @@ A checkpoint is `<run_dir>/checkpoints/step_N/` holding
   trainer_state.json       step, sampler position, RNG states, figures the run needs to go on
 It is written under a temporary name and renamed when complete, so a run
 killed mid-save leaves either the whole checkpoint or none.
+
+A run can also be asked to stop: SIGUSR1 (Slurm's time-limit warning with `rlcore launch
+slurm requeue=M`, or `kill -USR1 PID`) lets the step in progress finish, checkpoints it and
+ends the run with exit status 75; `resume=auto` continues from that checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 import os
 import random
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,13 +44,44 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+STOP_SIGNAL = signal.SIGUSR1
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; try again (resume=auto)
+
+
+class Stopped(Exception):
+    """The run stopped on request (STOP_SIGNAL) after checkpointing the step in progress."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"stopped on request ({STOP_SIGNAL.name}) with checkpoint {checkpoint}; resume=auto continues from it")
+        self.checkpoint = checkpoint
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, every: int, keep_last: int):
         self.root = Path(run_dir) / "checkpoints"
         self.every, self.keep_last = every, keep_last
+        self.stop_asked = False
+
+    @contextmanager
+    def stop_on_signal(self):
+        """Within the block, STOP_SIGNAL asks for a stop: the step in progress is checkpointed
+        (`due`) and then `stop_if_asked` raises Stopped."""
+        def ask(signum, frame):
+            self.stop_asked = True
+
+        previous = signal.signal(STOP_SIGNAL, ask)
+        try:
+            yield
+        finally:
+            signal.signal(STOP_SIGNAL, previous)
 
     def due(self, step: int, last_step: int) -> bool:
-        return step == last_step or (self.every > 0 and step % self.every == 0)
+        return self.stop_asked or step == last_step or (self.every > 0 and step % self.every == 0)
+
+    def stop_if_asked(self) -> None:
+        """After a save: end the run here if a stop was asked for."""
+        if self.stop_asked:
+            raise Stopped(self.latest())
 
     def all(self) -> list[Path]:
         found = [p for p in self.root.glob("step_*") if p.is_dir() and (p / "trainer_state.json").exists()]

@@ -63,6 +63,8 @@ def _run_dir(cfg: DictConfig) -> None:
 
 def _task(command: str):
     def run(cfg: DictConfig):
+        from rlcore.checkpoint import EXIT_STOPPED, Stopped
+
         _run_dir(cfg)
         try:
             if command == "train":
@@ -83,6 +85,9 @@ def _task(command: str):
                 summary = eval_command(cfg)
         except ConfigError as e:
             _fail(str(e))
+        except Stopped as e:
+            print(f"rlcore: {e}", file=sys.stderr)
+            sys.exit(EXIT_STOPPED)
         print(OmegaConf.to_yaml(OmegaConf.create(summary)).rstrip())
         return summary
 

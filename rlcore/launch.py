@@ -18,12 +18,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
 from rlcore.cli import _fail, _precheck, _shorthands
 
-USAGE = "usage: rlcore launch slurm nodes=N gpus_per_node=G [partition=P time=T ...] [train overrides] [--dry-run] [--wait]"
+USAGE = "usage: rlcore launch slurm nodes=N gpus_per_node=G [partition=P time=T requeue=M ...] [train overrides] [--dry-run] [--wait]"
 
 # Launcher options: name → (pattern of a valid value, what the value should be). Every other key=value is a train override.
 OPTIONS = {
@@ -35,6 +36,7 @@ OPTIONS = {
     "partition": (r"[\w.,-]+", "a partition name (`sinfo -s` lists them)"),
     "account": (r"[\w.-]+", "a Slurm account name"),
     "job_name": (r"[\w.-]+", "letters, digits, '.', '_' and '-'"),
+    "requeue": (r"[1-9]\d*", "minutes before the time limit to checkpoint and requeue the job, at least 1"),
 }
 REQUIRED = ("nodes", "gpus_per_node")
 FLAGS = ("--dry-run", "--wait")
@@ -66,7 +68,34 @@ def parse(args: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
     for key in REQUIRED:
         if key not in options:
             _fail(f"{key} is missing; add {key}=N ({OPTIONS[key][1]})")
+    if "requeue" in options:
+        overrides = with_resume_auto(options, overrides)
     return options, _shorthands(overrides), flags
+
+
+def with_resume_auto(options: dict[str, str], overrides: list[str]) -> list[str]:
+    """The overrides of a job that requeues itself (requeue=M): each run continues from the newest checkpoint."""
+    minutes = int(options["requeue"])
+    if "time" not in options:
+        _fail(f"requeue={minutes} needs time=…: Slurm's warning comes {minutes} minutes before the job's time limit")
+    if time_minutes(options["time"]) <= minutes:
+        _fail(f"requeue={minutes} must be less than time={options['time']}; the job would requeue itself at once")
+    resume = [o for o in overrides if o.startswith("resume=")]
+    if resume and resume != ["resume=auto"]:
+        _fail(f"requeue=M runs each requeued job on from the newest checkpoint: use resume=auto, or leave {resume[-1]} out")
+    return overrides if resume else [*overrides, "resume=auto"]
+
+
+def time_minutes(value: str) -> float:
+    """A Slurm --time value in minutes: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
+    days, _, clock = value.rpartition("-")
+    parts = [int(x) for x in clock.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+        return int(days) * 1440 + hours * 60 + minutes + seconds / 60
+    if len(parts) == 3:
+        return parts[0] * 60 + parts[1] + parts[2] / 60
+    return parts[0] + (parts[1] / 60 if len(parts) == 2 else 0)
 
 
 def run_dir_and_name(overrides: list[str]) -> tuple[Path, str]:
@@ -92,6 +121,10 @@ def sbatch_script(options: dict[str, str], overrides: list[str], run_dir: Path, 
         "account": options.get("account"),
         "chdir": str(Path.cwd()),  # where relative paths in the overrides were meant from
         "output": str(run_dir / "slurm-%j.out"),
+        "open-mode": "append",  # a requeued job's runs share the job id, and so the log
+        # requeue=M: SIGUSR1 to the batch shell M minutes before the time limit (see the script's end)
+        "signal": f"B:USR1@{int(options['requeue']) * 60}" if "requeue" in options else None,
+        "requeue": "" if "requeue" in options else None,
     }
     sbatch_lines = [f"#SBATCH --{k}" + (f"={_sbatch_quote(v)}" if v else "") for k, v in directives.items() if v is not None]
     header = [
@@ -120,18 +153,46 @@ def _sbatch_quote(value: str) -> str:
 
 def submit(script: Path, log_pattern: Path, wait: bool) -> int:
     """sbatch the script; print the job id and its log; with --wait, the job's exit status."""
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), str(script)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # sbatch's errors go straight to stderr
-    job_id = proc.stdout.readline().strip().split(";")[0]  # "id" or "id;cluster", printed before --wait blocks
-    if job_id:
-        print(f"job: {job_id}\nlog: {str(log_pattern).replace('%j', job_id)}", flush=True)
+    submitted = subprocess.run(["sbatch", "--parsable", str(script)], stdout=subprocess.PIPE, text=True)  # errors go to stderr
+    if submitted.returncode != 0:
+        return submitted.returncode
+    job_id = submitted.stdout.strip().split(";")[0]  # "id" or "id;cluster"
+    print(f"job: {job_id}\nlog: {str(log_pattern).replace('%j', job_id)}", flush=True)
+    if not wait:
+        return 0
     try:
-        status = proc.wait()
+        state, status = wait_for(job_id)
     except KeyboardInterrupt:
         _fail(f"stopped waiting; job {job_id} goes on (scancel {job_id} stops it)")
-    if wait and job_id:
-        print(f"job {job_id} {'completed' if status == 0 else f'failed (exit status {status})'}")
+    print(f"job {job_id} {'completed' if status == 0 else f'ended {state} (exit status {status})'}")
     return status
+
+
+# Job states after which a job never runs again. A job that requeues itself passes through
+# REQUEUED (and may be CANCELLED for a moment) on its way back to PENDING.
+FINAL_STATES = {"COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED", "CANCELLED"}
+
+
+def wait_for(job_id: str, poll_s: float = 2.0, max_poll_s: float = 10.0) -> tuple[str, int]:
+    """(final state, exit status) of the job, once it has ended for good. Not `sbatch --wait`: that
+    returns as soon as one run of a requeued job ends. A job ends for good when it is in a
+    final state and, seen a poll later, still is: a requeue passes through CANCELLED."""
+    seen = None
+    while True:
+        time.sleep(poll_s)
+        poll_s = min(poll_s * 2, max_poll_s)
+        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+        if shown.returncode != 0:
+            _fail(f"job {job_id} could not be followed: {shown.stderr.strip() or 'scontrol show job failed'}")
+        fields = dict(re.findall(r"\b(JobState|ExitCode|Restarts)=(\S+)", shown.stdout))
+        state, exit_code = fields["JobState"], fields["ExitCode"]
+        if state not in FINAL_STATES:
+            seen = None
+            continue
+        if seen == (state, fields.get("Restarts")):
+            code = int(exit_code.split(":")[0])  # "status:signal"
+            return state, code or (0 if state == "COMPLETED" else 1)
+        seen = (state, fields.get("Restarts"))
 
 
 def main(args: list[str]) -> None:

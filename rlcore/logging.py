@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 from contextlib import contextmanager
 import time
@@ -25,7 +26,8 @@ class RunLogger:
         if cfg.wandb:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.project, name=name, dir=str(run_dir), mode=cfg.wandb_mode, config=config_dict)
+            self.wandb = wandb.init(project=cfg.project, name=name, dir=str(run_dir), mode=cfg.wandb_mode, config=config_dict,
+                                    id=wandb_run_id(Path(run_dir), resumed=first_step > 0), resume="allow")
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}}
@@ -43,6 +45,16 @@ class RunLogger:
         self.bar.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def wandb_run_id(run_dir: Path, resumed: bool) -> str:
+    """The wandb run id of this run directory: a resumed run goes on logging to the run it
+    resumes (online; offline, `wandb sync` puts both parts in one run), a fresh start gets a new one."""
+    path = run_dir / "wandb" / "run_id"
+    if not (resumed and path.exists()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(4))
+    return path.read_text()
 
 
 def keep_rows(path: Path, keep) -> None:

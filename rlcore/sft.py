@@ -5,7 +5,7 @@ The loss is completion-only NLL (token mean over the batch). With
 a fresh Llama-architecture model; that is how the embedded default model
 (rlcore/assets/arith-3m) was made. `sft.add_tokens` adds tokens to the tokenizer and
 resizes the embeddings first (the hybrid-thinking cold start adds its <no_think> tags).
-Checkpoints and `resume` work as in `rlcore train` (rlcore.checkpoint), every
+Checkpoints, `resume` and SIGUSR1 work as in `rlcore train` (rlcore.checkpoint), every
 `sft.checkpoint_every` steps, the newest `sft.keep_last` kept.
 """
 
@@ -108,7 +108,7 @@ def sft(cfg) -> dict:
         sampler.load_state_dict(state["sampler"])
     policy_path = str(resume_from / "model") if resume_from else model_path
     steps, started, metrics = cfg.sft.steps, time.time(), {}
-    with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
+    with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster), checkpoints.stop_on_signal():
         rollout, learner = start_actors(cfg, policy_path, ref_path=None, temperature=1.0, batch_size=cfg.sft.batch_size,
                                         mini_batches=1, total_optimizer_steps=steps, seed=cfg.seed)
         if resume_from:
@@ -131,6 +131,7 @@ def sft(cfg) -> dict:
             log.log(step, metrics)
             if checkpoints.due(step, steps):
                 checkpoints.save(step, learner, {"sampler": sampler.state_dict()}, model_path)
+                checkpoints.stop_if_asked()
         if not metrics:  # resumed from the last checkpoint: nothing left to train; evaluate what it holds
             metrics = evaluate(rollout, rewards, eval_set, cfg.rollout)
         log.close()

@@ -51,7 +51,7 @@ def train(cfg) -> dict:
     sampling = SamplingParams(algorithm.samples_per_prompt, cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
     steps, started = cfg.trainer.steps, time.time()
 
-    with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
+    with PeakMemory() as memory, RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster), checkpoints.stop_on_signal():
         rollout, learner = start_actors(cfg, policy_path, **rl_learner_settings(cfg, algorithm, model_path))
         if resume_from:
             learner.load_optimizer(str(resume_from))
@@ -96,6 +96,7 @@ def train(cfg) -> dict:
             log.log(step, metrics)
             if checkpoints.due(step, steps):
                 checkpoints.save(step, learner, {"sampler": sampler.state_dict(), "reward": rewards.state_dict(), "accuracy_before": state["accuracy_before"]}, model_path)
+                checkpoints.stop_if_asked()
 
         summary = {"steps": steps, "eval/accuracy_before": state["accuracy_before"],
                    "actor_nodes": {"rollout": rollout.nodes(), "learner": learner.nodes()}}

@@ -155,15 +155,35 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
-    """SIGKILL after the step-2 checkpoint, resume=auto, and the final weights equal an
-    uninterrupted run's bit for bit: sampling is seeded per step, the checkpoint holds the
+def test_kill_or_stop_signal_then_resume_gives_the_same_weights(tiny_model, tmp_path):
+    """SIGKILL after the step-2 checkpoint, or SIGUSR1 (a stop with a checkpoint of the step in
+    progress, no periodic checkpoints), then resume=auto: the final weights equal an
+    uninterrupted run's bit for bit. Sampling is seeded per step, the checkpoint holds the
     float32 weights, the optimizer and schedule state and the sampler position exactly, and
     the CPU kernels are deterministic at a fixed thread count."""
-    extra = ["trainer.steps=5", "trainer.checkpoint_every=2", "trainer.eval_before=false", "trainer.eval_after=false", "learner.lr=1e-3"]
-    straight, resumed = straight_and_resumed(lambda run_dir: train_args(tiny_model, run_dir, *extra), tmp_path)
+    extra = ["trainer.steps=5", "trainer.eval_before=false", "trainer.eval_after=false", "learner.lr=1e-3"]
+    straight, resumed = straight_and_resumed(lambda run_dir: train_args(tiny_model, run_dir, *extra, "trainer.checkpoint_every=2"), tmp_path)
     assert_same_final_weights(straight, resumed)
     assert logged_steps(resumed) == [1, 2, 3, 4, 5]
+
+    stopped = tmp_path / "stopped"
+    args = train_args(tiny_model, stopped, *extra, "trainer.checkpoint_every=0")
+    process = subprocess.Popen([*RLCORE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while 1 not in (logged_steps(stopped) if (stopped / "metrics.jsonl").exists() else []):
+        assert process.poll() is None and time.time() < deadline, "run ended before its first step"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 75 and "stopped on request (SIGUSR1)" in stderr, stderr[-3000:]
+    [checkpoint] = (stopped / "checkpoints").iterdir()  # the step in progress, though none was due
+    step = int(checkpoint.name.removeprefix("step_"))
+    assert 2 <= step <= 5 and logged_steps(stopped)[-1] == step
+    assert not (stopped / "final").exists()
+    result = rlcore(*args, "resume=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_final_weights(straight, stopped)
+    assert logged_steps(stopped) == [1, 2, 3, 4, 5]
 
 
 def ray_processes() -> set[int]:
@@ -236,7 +256,7 @@ def test_sft_from_scratch_trains_and_saves_a_loadable_model(tmp_path):
 
 
 def test_sft_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
-    """As test_kill_and_resume_gives_the_same_weights, for `rlcore sft` on the tiny model: bit for
+    """As test_kill_or_stop_signal_then_resume_gives_the_same_weights (SIGKILL), for `rlcore sft` on the tiny model: bit for
     bit again (same reasons; SFT samples nothing). A linear LR decay and Adam make the schedule
     and optimizer state matter, the shuffled sampler the data position."""
     extra = ["sft.from_scratch=false", f"model.path={tiny_model}", "sft.steps=6", "sft.eval_every=6", "sft.checkpoint_every=2",

@@ -13,6 +13,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -22,7 +24,7 @@ from rlcore.cluster import interface_holding
 pytestmark = pytest.mark.slurm
 
 TINY = [
-    "trainer.steps=2", "trainer.prompts_per_step=2", "algorithm.samples_per_prompt=2", "rollout.max_new_tokens=8",
+    "trainer.prompts_per_step=2", "algorithm.samples_per_prompt=2", "rollout.max_new_tokens=8",
     "rollout.eval_max_new_tokens=8", "data.train_size=50", "data.eval_size=4", "trainer.eval_before=false",
     "trainer.eval_after=false", "logger.wandb=false", "logger.progress=false", "reward.num_workers=1",
 ]
@@ -45,6 +47,50 @@ def idle_nodes() -> dict[str, int]:
     return {name: int(cpus) for name, cpus in (line.split() for line in sorted(set(sinfo.stdout.splitlines())))}
 
 
+def launch_and_wait(args: list[str], run_dir: Path, meanwhile=None) -> tuple[str, int | None, str]:
+    """`rlcore launch slurm ARGS run_dir=RUN_DIR --wait` until the job ends; `meanwhile(job_id)` runs
+    once the job is submitted. (job id, launch's exit status, details to show on failure)."""
+    cmd = [sys.executable, "-m", "rlcore.cli", "launch", "slurm", *args, f"run_dir={run_dir}", "--wait"]
+    launch = subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = re.match(r"script: .*\njob: (\d+)\n", launch.stdout.readline() + launch.stdout.readline())
+    try:
+        if job and meanwhile:
+            meanwhile(job.group(1))
+        out, err = launch.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        launch.kill()
+        out, err = launch.communicate()
+    except BaseException:  # meanwhile failed: end the job too
+        launch.kill()
+        subprocess.run(["scancel", job.group(1)])
+        raise
+    assert job, f"no job submitted:\n{out}\n{err}"
+    job_id = job.group(1)
+    if launch.returncode is None or launch.returncode < 0:
+        subprocess.run(["scancel", job_id])
+    log = run_dir / f"slurm-{job_id}.out"
+    details = f"\n--- rlcore launch ---\n{out}{err}\n--- {log} ---\n{log.read_text() if log.exists() else '(none)'}"
+    return job_id, launch.returncode, details
+
+
+def job_field(job_id: str, field: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return re.search(rf"\b{field}=(\S+)", shown).group(1)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
+    return [r["step"] for r in rows if "time/step" in r]
+
+
+def assert_ray_stopped(job_id: str, details: str) -> None:
+    """No GCS server or raylet is left on the job's ports, on any node."""
+    port = 10000 + int(job_id) % 40 * 500
+    ports = (f"--gcs_server_port={port}", f"--node_manager_port={port + 1}")
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if any(a in ports for a in p.info["cmdline"] or [])]
+    assert not left, f"Ray processes left after the job: {left}" + details
+
+
 def test_two_step_run_through_sbatch_on_every_node(tmp_path):
     skip_without_slurm()
     nodes = dict(list(idle_nodes().items())[:3])
@@ -53,26 +99,11 @@ def test_two_step_run_through_sbatch_on_every_node(tmp_path):
     # worker and nodes - 1 learner ranks.
     spread = [f"learner.num_ranks={len(nodes) - 1}", f"cluster.cpus_per_actor={min(nodes.values())}"] if len(nodes) > 1 else []
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "rlcore.cli", "launch", "slurm", "recipe=grpo_math", f"nodes={len(nodes)}", "gpus_per_node=0",
-           "time=15", *TINY, *spread, f"run_dir={run_dir}", "--wait"]
-    launch = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = launch.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        launch.kill()
-        out, err = launch.communicate()
-    job = re.search(r"^job: (\d+)$", out, flags=re.M)
-    assert job, f"no job submitted:\n{out}\n{err}"
-    job_id = job.group(1)
-    log = run_dir / f"slurm-{job_id}.out"
-    if launch.returncode is None or launch.returncode < 0:
-        subprocess.run(["scancel", job_id])
-    details = f"\n--- rlcore launch ---\n{out}{err}\n--- {log} ---\n{log.read_text() if log.exists() else '(none)'}"
+    job_id, status, details = launch_and_wait(
+        ["recipe=grpo_math", f"nodes={len(nodes)}", "gpus_per_node=0", "time=15", "trainer.steps=2", *TINY, *spread], run_dir)
 
-    state = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
-    assert "JobState=COMPLETED" in state and launch.returncode == 0, state + details
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "time/step" in r] == [1, 2], details
+    assert job_field(job_id, "JobState") == "COMPLETED" and status == 0, details
+    assert logged_steps(run_dir) == [1, 2], details
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2, details
     # Every node ran an actor, at the address its Slurm name resolves to (the Ray node's address;
@@ -83,8 +114,37 @@ def test_two_step_run_through_sbatch_on_every_node(tmp_path):
         assert len(placed) == 1 and interface_holding(*placed), f"actors on {placed}" + details
     else:
         assert placed == addresses, f"actors on {placed}" + details
-    # Ray was stopped with the job on every node: no GCS server or raylet is left on this job's ports.
-    port = 10000 + int(job_id) % 40 * 500
-    ports = (f"--gcs_server_port={port}", f"--node_manager_port={port + 1}")
-    left = [p.pid for p in psutil.process_iter(["cmdline"]) if any(a in ports for a in p.info["cmdline"] or [])]
-    assert not left, f"Ray processes left after the job: {left}" + details
+    assert_ray_stopped(job_id, details)
+
+
+def test_usr1_checkpoints_and_the_job_requeues_itself_to_finish(tmp_path):
+    """SIGUSR1 to the batch script (what `requeue=M` has Slurm send before the time limit):
+    the run checkpoints the step in progress, the job requeues itself, and its second run
+    trains the remaining steps from that checkpoint."""
+    skip_without_slurm()
+    run_dir = tmp_path / "run"
+
+    def signal_after_the_first_step(job_id: str) -> None:
+        deadline = time.time() + TIMEOUT_S / 2
+        while not logged_steps(run_dir):
+            assert time.time() < deadline, "no step logged"
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+        # Slurm holds a requeued job back for about two minutes (its begin time): start it now.
+        while job_field(job_id, "JobState") != "PENDING":
+            assert time.time() < deadline, "the job did not requeue"
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+    job_id, status, details = launch_and_wait(
+        ["recipe=grpo_math", "nodes=1", "gpus_per_node=0", "time=15", "requeue=5", "trainer.steps=6",
+         "trainer.checkpoint_every=0", *TINY], run_dir, meanwhile=signal_after_the_first_step)
+
+    assert job_field(job_id, "JobState") == "COMPLETED" and status == 0, details
+    assert job_field(job_id, "Restarts") == "1", details
+    stopped = re.search(r"stopped on request \(SIGUSR1\) with checkpoint \S+/step_(\d+);", details)
+    assert stopped and f"requeueing job {job_id} (restart 1)" in details, details
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped.group(1)}" in details, details
+    assert logged_steps(run_dir) == [1, 2, 3, 4, 5, 6], details  # each step once, over the two runs
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6, details
+    assert_ray_stopped(job_id, details)

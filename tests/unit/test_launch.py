@@ -3,11 +3,15 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from rlcore.launch import time_minutes, wait_for
 
 RLCORE = [sys.executable, "-m", "rlcore.cli"]
 # Overrides a shell would mangle if the script quoted them wrong: a glob, a space, a `$`.
@@ -34,6 +38,7 @@ def test_dry_run_sbatch_header_for_two_gpu_nodes(tmp_path):
     assert sbatch_options(script) == [
         "--job-name=rlcore-my_run", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--exclusive",
         "--time=04:00:00", "--partition=gpu", f"--chdir={tmp_path}", f"--output={tmp_path}/out/r1/slurm-%j.out",
+        "--open-mode=append",
     ]
     assert f"\nbin={Path(sys.executable).parent}  #" in script  # ray and rlcore from the launching environment
     # The overrides reach `rlcore train` exactly as given, whatever the shell would make of them.
@@ -63,12 +68,23 @@ STUBS = {
         "fi\n"
         'echo Active:; grep "^ray start" "$CALLS" | sed "s/.*/ 1 node_x/"; echo Pending:\n'
     ),
-    "rlcore": 'printf "rlcore arg: %s\\n" "$@" >> "$CALLS"\n',
+    # rlcore: record; as told, wait for SIGUSR1 and stop as rlcore does (status 75).
+    "rlcore": (
+        'printf "rlcore arg: %s\\n" "$@" >> "$CALLS"\n'
+        'if [ -n "$TRAIN_WAITS_FOR_USR1" ]; then\n'
+        '  trap \'echo "rlcore got USR1" >> "$CALLS"; exit 75\' USR1\n'
+        "  for _ in $(seq 600); do sleep 0.1; done\n"
+        "fi\n"
+    ),
+    "scontrol": 'echo "scontrol $*" >> "$CALLS"\n',
 }
 
 
-def run_under_stub_slurm(script: str, tmp_path: Path, job_id: int, srun_fails: bool = False) -> tuple[int, str, list[str]]:
-    """Run the script as Slurm would on the first of 2 nodes with 4 CPUs: (exit status, stderr, the calls it made)."""
+def run_under_stub_slurm(script: str, tmp_path: Path, job_id: int, srun_fails: bool = False,
+                         usr1_in_training: bool = False) -> tuple[int, str, list[str]]:
+    """Run the script as Slurm would on the first of 2 nodes with 4 CPUs: (exit status, stderr, the
+    calls it made). `usr1_in_training`: SIGUSR1 to the script once training runs, as Slurm's
+    `--signal=B:USR1@…` does."""
     stubs = tmp_path / "stubs"
     stubs.mkdir(exist_ok=True)
     for name, body in STUBS.items():
@@ -80,9 +96,15 @@ def run_under_stub_slurm(script: str, tmp_path: Path, job_id: int, srun_fails: b
     path.write_text(re.sub(r"^bin=.*$", f"bin={stubs}", script, flags=re.M))
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "CALLS": str(calls), "SLURM_JOB_ID": str(job_id),
            "SLURM_JOB_NUM_NODES": "2", "SLURMD_NODENAME": "localhost", "SLURM_CPUS_ON_NODE": "4",
-           "SRUN_FAILS": "1" if srun_fails else ""}
-    result = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, env=env)
-    return result.returncode, result.stderr, calls.read_text().splitlines()
+           "SRUN_FAILS": "1" if srun_fails else "", "TRAIN_WAITS_FOR_USR1": "1" if usr1_in_training else ""}
+    job = subprocess.Popen(["bash", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if usr1_in_training:
+        deadline = time.time() + 30
+        while "rlcore arg: train" not in calls.read_text() and time.time() < deadline:
+            time.sleep(0.1)
+        job.send_signal(signal.SIGUSR1)
+    _, stderr = job.communicate(timeout=60)
+    return job.returncode, stderr, calls.read_text().splitlines()
 
 
 def test_script_starts_head_and_worker_then_trains_then_stops_ray(tmp_path):
@@ -127,6 +149,58 @@ def test_a_node_that_fails_to_start_fails_the_job_before_training(tmp_path):
     assert any(c.startswith("ray stopped: start") and "--head" in c for c in calls)  # the head is stopped too
 
 
+def test_requeue_asks_for_the_warning_and_resumes_each_run(tmp_path):
+    script = dry_run("recipe=grpo_math", "nodes=2", "gpus_per_node=0", "time=1-00:00", "requeue=15", cwd=tmp_path)
+    options = sbatch_options(script)
+    assert {"--signal=B:USR1@900", "--requeue", "--open-mode=append"} <= set(options)
+    assert re.search(r"^train_args=\(recipe=grpo_math resume=auto\)$", script, flags=re.M)
+    again = dry_run("nodes=1", "gpus_per_node=0", "time=60", "requeue=5", "resume=auto", cwd=tmp_path)
+    assert re.search(r"^train_args=\(resume=auto\)$", again, flags=re.M)  # not twice
+    plain = sbatch_options(dry_run("nodes=1", "gpus_per_node=0", "time=60", cwd=tmp_path))
+    assert not any(o.startswith(("--signal", "--requeue")) for o in plain)
+
+
+def test_usr1_reaches_training_which_checkpoints_and_the_job_requeues_itself(tmp_path):
+    script = dry_run("nodes=2", "gpus_per_node=0", "time=60", "requeue=5", cwd=tmp_path)
+    status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=77, usr1_in_training=True)
+    assert status == 75, stderr[-3000:]
+    stopped = calls.index("rlcore got USR1")
+    # Ray is stopped on both nodes before the job puts itself back in the queue.
+    assert sorted(c.split(":")[0] for c in calls[stopped + 1:]) == ["ray stopped", "ray stopped", "scontrol requeue 77"]
+    assert calls[-1] == "scontrol requeue 77"
+
+
+SCONTROL_SHOWS = (  # stand-in `scontrol show job`: the next line of $STATES each call ("state exit_code restarts")
+    'n=$(cat "$POLLS" 2>/dev/null || echo 0); echo $((n + 1)) > "$POLLS"\n'
+    'set -- $(sed -n "$((n + 1))p" "$STATES")\n'
+    'printf "JobId=5 JobName=rlcore-x\\n   JobState=%s Reason=None\\n   Restarts=%s ExitCode=%s\\n" "$1" "$3" "$2"\n'
+)
+
+
+@pytest.mark.parametrize("states, expected", [
+    # A requeue: the run ends (CANCELLED for a moment, then REQUEUED), the job queues and runs again.
+    (["PENDING 0:0 0", "RUNNING 0:0 0", "CANCELLED 0:15 1", "REQUEUED 0:15 1", "PENDING 0:0 1", "RUNNING 0:0 1",
+      "COMPLETED 0:0 1", "COMPLETED 0:0 1"], ("COMPLETED", 0)),
+    (["RUNNING 0:0 0", "FAILED 3:0 0", "FAILED 3:0 0"], ("FAILED", 3)),
+    (["RUNNING 0:0 0", "TIMEOUT 0:15 0", "TIMEOUT 0:15 0"], ("TIMEOUT", 1)),
+])
+def test_wait_follows_the_job_through_requeues_to_its_end(tmp_path, monkeypatch, states, expected):
+    (tmp_path / "scontrol").write_text("#!/bin/bash\n" + SCONTROL_SHOWS)
+    (tmp_path / "scontrol").chmod(0o755)
+    (tmp_path / "states").write_text("\n".join(states) + "\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("STATES", str(tmp_path / "states"))
+    monkeypatch.setenv("POLLS", str(tmp_path / "polls"))
+    assert wait_for("5", poll_s=0.01, max_poll_s=0.01) == expected
+    assert int((tmp_path / "polls").read_text()) == len(states)  # a final state counts once seen twice
+
+
+@pytest.mark.parametrize("value, minutes", [
+    ("90", 90), ("90:30", 90.5), ("2:00:00", 120), ("1-0", 1440), ("1-2:30", 1590), ("2-00:00:30", 2880.5)])
+def test_slurm_time_in_minutes(value, minutes):
+    assert time_minutes(value) == minutes
+
+
 @pytest.mark.parametrize("args, expected", [
     (["gpus_per_node=0"], "nodes is missing; add nodes=N"),
     (["nodes=2"], "gpus_per_node is missing; add gpus_per_node=N"),
@@ -135,6 +209,10 @@ def test_a_node_that_fails_to_start_fails_the_job_before_training(tmp_path):
     (["nodes=1", "gpus_per_node=0", "--nodes=2"], "--nodes=2 is not an option of rlcore launch slurm; use --dry-run or --wait"),
     (["nodes=1", "gpus_per_node=0", "cluster.address=h:1"], "cluster.address is set by the launcher"),
     (["nodes=1", "gpus_per_node=0", "trainer.stepz=3"], "trainer.stepz is not a setting; allowed under trainer: steps"),
+    (["nodes=1", "gpus_per_node=0", "requeue=0", "time=60"], "requeue=0 is not valid; requeue is minutes before the time limit"),
+    (["nodes=1", "gpus_per_node=0", "requeue=10"], "requeue=10 needs time=…"),
+    (["nodes=1", "gpus_per_node=0", "requeue=10", "time=0:10:00"], "requeue=10 must be less than time=0:10:00"),
+    (["nodes=1", "gpus_per_node=0", "requeue=10", "time=60", "resume=never"], "use resume=auto, or leave resume=never out"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
     result = launch(*args, "--dry-run", cwd=tmp_path)

@@ -1,0 +1,20 @@
+"""rlcore.logging.RunLogger: a resumed run goes on in the same wandb run, a fresh start gets its own."""
+
+from omegaconf import OmegaConf
+
+from rlcore.logging import RunLogger
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run_and_a_fresh_start_to_a_new_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = OmegaConf.create({"progress": False, "wandb": True, "project": "rlcore-test", "wandb_mode": "offline"})
+
+    def run_id(first_step: int) -> str:
+        log = RunLogger(tmp_path, cfg, {}, "test", first_step, total_steps=4)
+        log.log(first_step + 1, {"reward/mean": 0.5})
+        log.close()
+        return log.wandb.id
+
+    first, resumed, fresh = run_id(0), run_id(2), run_id(0)
+    assert resumed == first and fresh != first
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 3  # what `wandb sync` uploads
