@@ -2,7 +2,6 @@
 # pinned, rlcore editable); the install is skipped when nothing it depends on changed.
 .PHONY: setup train test bench
 
-export RAY_AUTH_MODE ?= disabled
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 

@@ -47,8 +47,8 @@ class SparseDecoding:
         newest = (kv_len - 1) % bs + 1  # keys in the newest block: always selected, maybe partial
         kept = ((table >= 0).sum(-1) - 1) * bs + newest[:, None]  # [B, H_kv]
         total = kv_len[:, None].expand_as(kept)
-        if self.live is not None:
-            kept, total = kept[self.live], total[self.live]
+        if self.live is not None:  # a product, not a boolean index: no device sync on CUDA
+            kept, total = kept * self.live[:, None], total * self.live[:, None]
         self.kept_keys = self.kept_keys + kept.sum()
         self.total_keys = self.total_keys + total.sum()
 

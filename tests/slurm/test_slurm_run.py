@@ -8,6 +8,7 @@ collectives all cross the network between nodes.
 """
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -51,7 +52,10 @@ def launch_and_wait(args: list[str], run_dir: Path, meanwhile=None) -> tuple[str
     """`rlcore launch slurm ARGS run_dir=RUN_DIR --wait` until the job ends; `meanwhile(job_id)` runs
     once the job is submitted. (job id, launch's exit status, details to show on failure)."""
     cmd = [sys.executable, "-m", "rlcore.cli", "launch", "slurm", *args, f"run_dir={run_dir}", "--wait"]
-    launch = subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # RAY_AUTH_MODE as a user's shell has it, unset: the job runs with Ray's token authentication
+    # (tests/conftest.py turns it off for the suite's own local clusters).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    launch = subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     job = re.match(r"script: .*\njob: (\d+)\n", launch.stdout.readline() + launch.stdout.readline())
     try:
         if job and meanwhile:
@@ -115,6 +119,8 @@ def test_two_step_run_through_sbatch_on_every_node(tmp_path):
     else:
         assert placed == addresses, f"actors on {placed}" + details
     assert_ray_stopped(job_id, details)
+    token = Path.home() / ".ray" / "auth_token"  # Ray's token auth was on: its token is its owner's only
+    assert token.exists() and token.stat().st_mode & 0o077 == 0, oct(token.stat().st_mode)
 
 
 def test_usr1_checkpoints_and_the_job_requeues_itself_to_finish(tmp_path):
