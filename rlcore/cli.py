@@ -42,7 +42,7 @@ USAGE = """usage: rlcore COMMAND [overrides]
   rlcore sft recipe=NAME [key=value ...]     supervised fine-tuning
   rlcore eval model=PATH [data=PATH]         greedy held-out accuracy of a model
   rlcore plot RUN_DIR                        PNG curves from RUN_DIR/metrics.jsonl
-  rlcore launch slurm nodes=N gpus_per_node=G recipe=NAME [...]   train as a Slurm job (docs/cluster.md)
+  rlcore launch slurm [sft] nodes=N gpus_per_node=G recipe=NAME [...]   train (or sft) as a Slurm job (docs/cluster.md)
 
 Hydra options work after the command: --cfg job, -m (multirun), --help."""
 

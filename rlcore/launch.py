@@ -1,14 +1,14 @@
-"""`rlcore launch slurm nodes=N gpus_per_node=G [partition=… time=…] [train overrides] [--dry-run] [--wait]`.
+"""`rlcore launch slurm [train|sft] nodes=N gpus_per_node=G [partition=… time=…] [overrides] [--dry-run] [--wait]`.
 
 Writes an sbatch script that starts a Ray cluster over the job's nodes and runs `rlcore
-train` against it, then submits it (`--dry-run` prints it instead). The script is a header
-written here (#SBATCH lines, the environment to use, the train overrides) followed by
-rlcore/templates/slurm.sbatch, plain bash that takes addresses, ports and CPU counts from
-Slurm's environment at run time. Users read and edit it: it is saved as
+train` (or `rlcore sft`) against it, then submits it (`--dry-run` prints it instead). The
+script is a header written here (#SBATCH lines, the environment to use, the command and its
+overrides) followed by rlcore/templates/slurm.sbatch, plain bash that takes addresses, ports
+and CPU counts from Slurm's environment at run time. Users read and edit it: it is saved as
 RUN_DIR/slurm.sbatch and can be resubmitted with `sbatch`.
 
-The train overrides are checked here, as `rlcore train` would, so that a typo fails at
-submit time rather than after the job waited in the queue.
+The overrides are checked here, as the command would, so that a typo fails at submit time
+rather than after the job waited in the queue.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from pathlib import Path
 
 from rlcore.cli import _fail, _precheck, _shorthands
 
-USAGE = "usage: rlcore launch slurm nodes=N gpus_per_node=G [partition=P time=T requeue=M ...] [train overrides] [--dry-run] [--wait]"
+USAGE = ("usage: rlcore launch slurm [train|sft] nodes=N gpus_per_node=G [partition=P time=T requeue=M ...] [overrides] "
+         "[--dry-run] [--wait]")
+COMMANDS = ("train", "sft")  # what the job runs; train when not named
 
-# Launcher options: name → (pattern of a valid value, what the value should be). Every other key=value is a train override.
+# Launcher options: name → (pattern of a valid value, what the value should be). Every other key=value is an override of the command.
 OPTIONS = {
     "nodes": (r"[1-9]\d*", "a whole number of machines, at least 1"),
     "gpus_per_node": (r"\d+", "a whole number, 0 for CPU nodes"),
@@ -40,17 +42,18 @@ OPTIONS = {
 }
 REQUIRED = ("nodes", "gpus_per_node")
 FLAGS = ("--dry-run", "--wait")
-# Train settings the script sets from the job itself.
+# Settings the script sets from the job itself.
 SET_BY_SCRIPT = {"cluster.address": "the job's Ray head", "cluster.num_cpus": "Slurm's CPUs per node; use cpus_per_node=N"}
 RAY_WAIT_S = 300
 
 
-def parse(args: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
-    """(launcher options, train overrides, flags) from the arguments after `rlcore launch`."""
+def parse(args: list[str]) -> tuple[str, dict[str, str], list[str], set[str]]:
+    """(command, launcher options, the command's overrides, flags) from the arguments after `rlcore launch`."""
     if not args or args[0] != "slurm":
         _fail(f"rlcore launch needs a launcher, and slurm is the only one: {USAGE}")
+    command, rest = (args[1], args[2:]) if len(args) > 1 and args[1] in COMMANDS else ("train", args[1:])
     options, overrides, flags = {}, [], set()
-    for arg in args[1:]:
+    for arg in rest:
         key, sep, value = arg.partition("=")
         if arg.startswith("-"):
             if arg not in FLAGS:
@@ -70,7 +73,7 @@ def parse(args: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
             _fail(f"{key} is missing; add {key}=N ({OPTIONS[key][1]})")
     if "requeue" in options:
         overrides = with_resume_auto(options, overrides)
-    return options, _shorthands(overrides), flags
+    return command, options, _shorthands(overrides), flags
 
 
 def with_resume_auto(options: dict[str, str], overrides: list[str]) -> list[str]:
@@ -98,16 +101,16 @@ def time_minutes(value: str) -> float:
     return parts[0] + (parts[1] / 60 if len(parts) == 2 else 0)
 
 
-def run_dir_and_name(overrides: list[str]) -> tuple[Path, str]:
-    """The run directory `rlcore train` will use (recipe defaults and interpolation applied), absolute, and the run's name."""
+def run_dir_and_name(command: str, overrides: list[str]) -> tuple[Path, str]:
+    """The run directory the command will use (recipe defaults and interpolation applied), absolute, and the run's name."""
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="rlcore.conf", version_base=None):
-        cfg = compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name=command, overrides=overrides)
     return Path.cwd() / cfg.run_dir, cfg.name
 
 
-def sbatch_script(options: dict[str, str], overrides: list[str], run_dir: Path, name: str, written_by: str) -> str:
+def sbatch_script(command: str, options: dict[str, str], overrides: list[str], run_dir: Path, name: str, written_by: str) -> str:
     directives = {
         "job-name": options.get("job_name", "rlcore-" + re.sub(r"[^\w.-]", "_", name)),
         "nodes": options["nodes"],
@@ -134,12 +137,13 @@ def sbatch_script(options: dict[str, str], overrides: list[str], run_dir: Path, 
         f"# Written by: {written_by}",
         "# Submit it (again, after editing if you like) with: sbatch FILE",
         "# A Ray head starts on the first node and a Ray worker on each other node; once all",
-        "# have joined, `rlcore train` runs against that cluster; Ray stops when the job ends.",
+        f"# have joined, `rlcore {command}` runs against that cluster; Ray stops when the job ends.",
         "",
         f"bin={shlex.quote(str(Path(sys.executable).parent))}  # the environment rlcore launch ran from",
         f"gpus_per_node={int(options['gpus_per_node'])}",
         f"ray_wait_s={RAY_WAIT_S}  # how long the Ray nodes may take to join",
-        f"train_args=({' '.join(shlex.quote(o) for o in overrides)})",
+        f"command={command}",
+        f"args=({' '.join(shlex.quote(o) for o in overrides)})",
         "",
     ]
     body = resources.files("rlcore").joinpath("templates/slurm.sbatch").read_text()
@@ -196,10 +200,10 @@ def wait_for(job_id: str, poll_s: float = 2.0, max_poll_s: float = 10.0) -> tupl
 
 
 def main(args: list[str]) -> None:
-    options, overrides, flags = parse(args)
-    _precheck("train", overrides)
-    directory, name = run_dir_and_name(overrides)
-    text = sbatch_script(options, overrides, directory, name, shlex.join(["rlcore", "launch", *args]))
+    command, options, overrides, flags = parse(args)
+    _precheck(command, overrides)
+    directory, name = run_dir_and_name(command, overrides)
+    text = sbatch_script(command, options, overrides, directory, name, shlex.join(["rlcore", "launch", *args]))
     if "--dry-run" in flags:
         print(text, end="")
         return

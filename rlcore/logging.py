@@ -65,10 +65,13 @@ def keep_rows(path: Path, keep) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl, also while the run writes it: a row not yet ended by
+    its newline is left for the next read."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: RUN_DIR must be a run directory of `rlcore train` or `rlcore sft`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from rlcore.cluster import interface_holding
+from rlcore.logging import read_metrics
 
 from conftest import FAST
 
@@ -152,7 +153,7 @@ def assert_same_final_weights(run_a: Path, run_b: Path) -> None:
 
 
 def logged_steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in read_metrics(run_dir)]
 
 
 def test_kill_or_stop_signal_then_resume_gives_the_same_weights(tiny_model, tmp_path):

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from rlcore.cluster import interface_holding
+from rlcore.logging import read_metrics
 
 pytestmark = pytest.mark.slurm
 
@@ -83,8 +84,8 @@ def job_field(job_id: str, field: str) -> str:
 
 
 def logged_steps(run_dir: Path) -> list[int]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
-    return [r["step"] for r in rows if "time/step" in r]
+    """The training steps in the run's metrics so far (none before the file exists)."""
+    return [r["step"] for r in read_metrics(run_dir) if "time/step" in r] if (run_dir / "metrics.jsonl").exists() else []
 
 
 def assert_ray_stopped(job_id: str, details: str) -> None:

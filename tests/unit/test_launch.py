@@ -42,8 +42,8 @@ def test_dry_run_sbatch_header_for_two_gpu_nodes(tmp_path):
     ]
     assert f"\nbin={Path(sys.executable).parent}  #" in script  # ray and rlcore from the launching environment
     # The overrides reach `rlcore train` exactly as given, whatever the shell would make of them.
-    train_args = re.search(r"^train_args=.*$", script, flags=re.M).group(0)
-    echoed = subprocess.run(["bash", "-c", f'{train_args}; printf "%s\\n" "${{train_args[@]}}"'], capture_output=True, text=True)
+    args = re.search(r"^args=.*$", script, flags=re.M).group(0)
+    echoed = subprocess.run(["bash", "-c", f'{args}; printf "%s\\n" "${{args[@]}}"'], capture_output=True, text=True)
     assert echoed.stdout.splitlines() == ["recipe=grpo_math", "run_dir=out/r1", *TRICKY]
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
@@ -129,6 +129,17 @@ def test_script_starts_head_and_worker_then_trains_then_stops_ray(tmp_path):
     assert sorted(calls[last_train + 1:]) == sorted([f"ray stopped: {head.removeprefix('ray ')}", f"ray stopped: {worker.removeprefix('ray ')}"])
 
 
+def test_sft_runs_rlcore_sft_with_its_own_overrides_checked(tmp_path):
+    script = dry_run("sft", "recipe=sft_arith", "nodes=1", "gpus_per_node=0", "sft.steps=7", cwd=tmp_path)
+    assert "--job-name=rlcore-sft_arith" in sbatch_options(script) and "\ncommand=sft\n" in script
+    status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=3)
+    assert status == 0, stderr[-3000:]
+    run = [c.removeprefix("rlcore arg: ") for c in calls if c.startswith("rlcore arg: ")]
+    assert run[:3] == ["sft", "recipe=sft_arith", "sft.steps=7"]
+    bad = launch("sft", "nodes=1", "gpus_per_node=0", "trainer.steps=3", "--dry-run", cwd=tmp_path)  # a train setting
+    assert bad.returncode == 2 and "trainer" in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+
+
 def test_ports_follow_the_job_id(tmp_path):
     """Two jobs sharing a node get different port blocks."""
     script = dry_run("nodes=2", "gpus_per_node=0", cwd=tmp_path)
@@ -153,9 +164,9 @@ def test_requeue_asks_for_the_warning_and_resumes_each_run(tmp_path):
     script = dry_run("recipe=grpo_math", "nodes=2", "gpus_per_node=0", "time=1-00:00", "requeue=15", cwd=tmp_path)
     options = sbatch_options(script)
     assert {"--signal=B:USR1@900", "--requeue", "--open-mode=append"} <= set(options)
-    assert re.search(r"^train_args=\(recipe=grpo_math resume=auto\)$", script, flags=re.M)
+    assert re.search(r"^args=\(recipe=grpo_math resume=auto\)$", script, flags=re.M)
     again = dry_run("nodes=1", "gpus_per_node=0", "time=60", "requeue=5", "resume=auto", cwd=tmp_path)
-    assert re.search(r"^train_args=\(resume=auto\)$", again, flags=re.M)  # not twice
+    assert re.search(r"^args=\(resume=auto\)$", again, flags=re.M)  # not twice
     plain = sbatch_options(dry_run("nodes=1", "gpus_per_node=0", "time=60", cwd=tmp_path))
     assert not any(o.startswith(("--signal", "--requeue")) for o in plain)
 
