@@ -51,10 +51,12 @@ def wandb_run_id(run_dir: Path, resumed: bool) -> str:
     """The wandb run id of this run directory: a resumed run goes on logging to the run it
     resumes (online; offline, `wandb sync` puts both parts in one run), a fresh start gets a new one."""
     path = run_dir / "wandb" / "run_id"
-    if not (resumed and path.exists()):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(4))
-    return path.read_text()
+    if resumed and path.exists():
+        return path.read_text()
+    run_id = secrets.token_hex(4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id)
+    return run_id
 
 
 def keep_rows(path: Path, keep) -> None:

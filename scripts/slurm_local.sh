@@ -84,7 +84,7 @@ EOF
   echo "$nodes" > "$dir/nodes"
 }
 
-# Node i's network namespace rlcore-n$i, joined to the bridge by a veth pair; its name in /etc/hosts.
+# Node rlnode$i's network namespace rlcore-rlnode$i, joined to the bridge by a veth pair; its name in /etc/hosts.
 make_network() {
   local nodes=$1 i ns
   ip link show "$bridge" >/dev/null 2>&1 || {
@@ -93,7 +93,7 @@ make_network() {
     ip link set "$bridge" up
   }
   for i in $(seq "$nodes"); do
-    ns=rlcore-n$i
+    ns=rlcore-rlnode$i
     [ -e "/var/run/netns/$ns" ] && continue
     ip netns add "$ns"
     ip link add "rlcore-v$i" type veth peer name eth0 netns "$ns"
@@ -116,16 +116,17 @@ start_munge() {
   cp /run/munge/munged.pid "$dir/munged.pid"
 }
 
-start_slurmd() {  # $1: node name, $2: its index (N > 1) or nothing (one node)
+start_slurmd() {  # $1: node name; in the node's network namespace where make_network made one
+  local ns=/var/run/netns/rlcore-$1
   mkdir -p "$dir/spool/$1"
-  if [ -z "${2:-}" ]; then
+  if [ ! -e "$ns" ]; then
     slurmd -f "$conf" -N "$1"
     return
   fi
   # Its own network namespace (nsenter: only the network; `ip netns exec` would also hide
   # /sys/fs/cgroup, which slurmd needs) and mount namespace, where /tmp/ray is the node's own.
   mkdir -p "$dir/tmp-ray/$1"
-  nsenter --net="/var/run/netns/rlcore-n$2" unshare --mount --propagation private \
+  nsenter --net="$ns" unshare --mount --propagation private \
     sh -c 'mkdir -p /tmp/ray && mount --bind "$0" /tmp/ray && exec slurmd -f "$1" -N "$2"' "$dir/tmp-ray/$1" "$conf" "$1"
 }
 
@@ -144,7 +145,7 @@ wait_idle() {
 }
 
 start() {
-  local nodes=${1:-1} i name
+  local nodes=${1:-1} name
   [[ "$nodes" =~ ^[1-9][0-9]?$ ]] || { echo "slurm_local: N is a number of nodes, 1 to 99: got '$nodes'" >&2; exit 2; }
   install
   mkdir -p "$dir"
@@ -156,10 +157,8 @@ start() {
   [ "$nodes" = 1 ] || make_network "$nodes"
   start_munge
   running "$dir/slurmctld.pid" || slurmctld -f "$conf"
-  i=0
   for name in $(node_names "$nodes"); do
-    i=$((i + 1))
-    running "$dir/slurmd-$name.pid" || start_slurmd "$name" "$([ "$nodes" = 1 ] || echo "$i")"
+    running "$dir/slurmd-$name.pid" || start_slurmd "$name"
   done
   wait_idle "$nodes"
 }
@@ -179,7 +178,7 @@ stop() {
   for pidfile in "$dir"/slurmd-*.pid "$dir/slurmctld.pid" "$dir/munged.pid"; do
     [ -e "$pidfile" ] && stop_daemon "$pidfile"
   done
-  for ns in $(ip netns list 2>/dev/null | awk '/^rlcore-n[0-9]+/ { print $1 }'); do
+  for ns in $(ip netns list 2>/dev/null | awk '/^rlcore-rlnode[0-9]+/ { print $1 }'); do
     ip netns delete "$ns"  # its end of the veth pair goes with it, and the host's end too
   done
   if ip link show "$bridge" >/dev/null 2>&1; then ip link delete "$bridge"; fi

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
+from rlcore import cluster
 from rlcore.algorithm import LossNorm
 from rlcore.batch import micro_batches, pad_response
 from rlcore.checkpoint import rng_state, set_rng_state
-from rlcore.cluster import interface_holding, node_ip
 from rlcore.models import load_model, resolve_model_path, response_logprobs
 
 
@@ -100,11 +100,11 @@ class LearnerRank:
         torch.set_num_threads(threads)
 
     def node_ip(self) -> str:
-        return node_ip()
+        return cluster.node_ip()
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the process group: this node's IP and a free port."""
-        return node_ip(), free_port()
+        return cluster.node_ip(), free_port()
 
     def setup(self, master: tuple[str, int], model_path: str, ref_path: str | None, dtype: str, cfg, temperature: float,
               total_optimizer_steps: int, grad_accum: int, seed: int):
@@ -117,7 +117,7 @@ class LearnerRank:
             # gloo offers its peers the address this host's name resolves to: often a loopback
             # address (Debian's /etc/hosts gives it 127.0.1.1), which ranks on other nodes cannot
             # reach. The interface of the node's Ray address is one they can.
-            interface = interface_holding(node_ip())
+            interface = cluster.interface_holding(cluster.node_ip())
             if interface:
                 os.environ["GLOO_SOCKET_IFNAME"] = interface
         import deepspeed

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import ray
 import torch
 
+from rlcore import cluster
 from rlcore.batch import Trajectory
-from rlcore.cluster import node_ip
 from rlcore.data import Prompt
 from rlcore.placement import cpu_options
 from rlcore.rollout.engine import SamplingParams
@@ -52,7 +52,7 @@ class RolloutWorker:
         self.engine.wake()
 
     def node_ip(self) -> str:
-        return node_ip()
+        return cluster.node_ip()
 
 
 class RolloutGroup:
