@@ -35,6 +35,7 @@ from rlcore import cluster
 from rlcore.algorithm import LossNorm
 from rlcore.batch import micro_batches, pad_response
 from rlcore.checkpoint import rng_state, set_rng_state
+from rlcore.learner import deepspeed_ops
 from rlcore.models import load_model, resolve_model_path, response_logprobs
 
 
@@ -123,6 +124,7 @@ class LearnerRank:
         import deepspeed
 
         deepspeed.utils.logger.setLevel(logging.WARNING)
+        deepspeed_ops.load_ops(cpu_adam=cfg.offload_optimizer)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         torch.manual_seed(seed)
         self.cfg, self.temperature, self.zero_stage = cfg, temperature, cfg.zero_stage
@@ -133,8 +135,8 @@ class LearnerRank:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         adam = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         if cfg.offload_optimizer:
-            # DeepSpeed requires its CPU Adam with optimizer offload (JIT-built on first use,
-            # cached in TORCH_EXTENSIONS_DIR); adamw_mode=True is decoupled weight decay, like AdamW.
+            # DeepSpeed requires its CPU Adam with optimizer offload (built by load_ops above);
+            # adamw_mode=True is decoupled weight decay, like AdamW.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **adam)
