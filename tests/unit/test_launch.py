@@ -68,11 +68,12 @@ STUBS = {
         "fi\n"
         'echo Active:; grep "^ray start" "$CALLS" | sed "s/.*/ 1 node_x/"; echo Pending:\n'
     ),
-    # rlcore: record; as told, wait for SIGUSR1 and stop as rlcore does (status 75).
+    # rlcore: record; as told, run until SIGUSR1 and stop as rlcore does (status 75), or die of
+    # it as rlcore does before its handler is installed.
     "rlcore": (
         'printf "rlcore arg: %s\\n" "$@" >> "$CALLS"\n'
-        'if [ -n "$TRAIN_WAITS_FOR_USR1" ]; then\n'
-        '  trap \'echo "rlcore got USR1" >> "$CALLS"; exit 75\' USR1\n'
+        'if [ -n "$RLCORE_ON_USR1" ]; then\n'
+        '  [ "$RLCORE_ON_USR1" = die ] || trap \'echo "rlcore got USR1" >> "$CALLS"; exit 75\' USR1\n'
         "  for _ in $(seq 600); do sleep 0.1; done\n"
         "fi\n"
     ),
@@ -81,10 +82,11 @@ STUBS = {
 
 
 def run_under_stub_slurm(script: str, tmp_path: Path, job_id: int, srun_fails: bool = False,
-                         usr1_in_training: bool = False) -> tuple[int, str, list[str]]:
+                         usr1_after: str = "", rlcore_on_usr1: str = "exit") -> tuple[int, str, list[str]]:
     """Run the script as Slurm would on the first of 2 nodes with 4 CPUs: (exit status, stderr, the
-    calls it made). `usr1_in_training`: SIGUSR1 to the script once training runs, as Slurm's
-    `--signal=B:USR1@…` does."""
+    calls it made). `usr1_after`: SIGUSR1 to the script, as Slurm's `--signal=B:USR1@…` does, once
+    a call starting with it was made; rlcore then runs until the signal and, as
+    `rlcore_on_usr1` says, exits 75 or dies of it."""
     stubs = tmp_path / "stubs"
     stubs.mkdir(exist_ok=True)
     for name, body in STUBS.items():
@@ -96,11 +98,11 @@ def run_under_stub_slurm(script: str, tmp_path: Path, job_id: int, srun_fails: b
     path.write_text(re.sub(r"^bin=.*$", f"bin={stubs}", script, flags=re.M))
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "CALLS": str(calls), "SLURM_JOB_ID": str(job_id),
            "SLURM_JOB_NUM_NODES": "2", "SLURMD_NODENAME": "localhost", "SLURM_CPUS_ON_NODE": "4",
-           "SRUN_FAILS": "1" if srun_fails else "", "TRAIN_WAITS_FOR_USR1": "1" if usr1_in_training else ""}
+           "SRUN_FAILS": "1" if srun_fails else "", "RLCORE_ON_USR1": rlcore_on_usr1 if usr1_after else ""}
     job = subprocess.Popen(["bash", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    if usr1_in_training:
+    if usr1_after:
         deadline = time.time() + 30
-        while "rlcore arg: train" not in calls.read_text() and time.time() < deadline:
+        while f"\n{usr1_after}" not in "\n" + calls.read_text() and time.time() < deadline:
             time.sleep(0.1)
         job.send_signal(signal.SIGUSR1)
     _, stderr = job.communicate(timeout=60)
@@ -171,14 +173,33 @@ def test_requeue_asks_for_the_warning_and_resumes_each_run(tmp_path):
     assert not any(o.startswith(("--signal", "--requeue")) for o in plain)
 
 
+def assert_ray_stopped_then_requeued(calls: list[str], after: int, job_id: int):
+    """Ray is stopped on both nodes before the job puts itself back in the queue."""
+    assert sorted(c.split(":")[0] for c in calls[after + 1:]) == ["ray stopped", "ray stopped", f"scontrol requeue {job_id}"]
+    assert calls[-1] == f"scontrol requeue {job_id}"
+
+
 def test_usr1_reaches_training_which_checkpoints_and_the_job_requeues_itself(tmp_path):
     script = dry_run("nodes=2", "gpus_per_node=0", "time=60", "requeue=5", cwd=tmp_path)
-    status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=77, usr1_in_training=True)
+    status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=77, usr1_after="rlcore arg: train")
     assert status == 75, stderr[-3000:]
-    stopped = calls.index("rlcore got USR1")
-    # Ray is stopped on both nodes before the job puts itself back in the queue.
-    assert sorted(c.split(":")[0] for c in calls[stopped + 1:]) == ["ray stopped", "ray stopped", "scontrol requeue 77"]
-    assert calls[-1] == "scontrol requeue 77"
+    assert_ray_stopped_then_requeued(calls, calls.index("rlcore got USR1"), 77)
+
+
+def test_usr1_before_rlcore_catches_it_still_requeues(tmp_path):
+    """A stop asked while Ray starts: rlcore is not run at all. One that reaches rlcore before its
+    handler is installed kills it (status 138). Neither has a step to save: both requeue."""
+    script = dry_run("nodes=2", "gpus_per_node=0", "time=60", "requeue=5", cwd=tmp_path)
+    status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=78, usr1_after="ray start")
+    assert status == 75, stderr[-3000:]
+    assert not any(c.startswith("rlcore arg: ") for c in calls)
+    assert_ray_stopped_then_requeued(calls, max(i for i, c in enumerate(calls) if c.startswith("ray start")), 78)
+
+    status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=79, usr1_after="rlcore arg: train",
+                                                 rlcore_on_usr1="die")
+    assert status == 75, stderr[-3000:]
+    assert "rlcore got USR1" not in calls
+    assert_ray_stopped_then_requeued(calls, max(i for i, c in enumerate(calls) if c.startswith("rlcore arg: ")), 79)
 
 
 SCONTROL_SHOWS = (  # stand-in `scontrol show job`: the next line of $STATES each call ("state exit_code restarts")
