@@ -16,17 +16,17 @@ on a multi-node cluster each node has its own home directory.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
+
+from filelock import FileLock
 
 from rlcore.config import ConfigError
 
@@ -62,7 +62,7 @@ def fetch(name: str) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.parent / f".{name}.lock"):
+    with FileLock(target.parent / f".{name}.lock"):
         if target.is_dir():  # another process built it while we waited
             return target
         for stale in target.parent.glob(f".{name}.building.*"):  # left by a killed build
@@ -80,16 +80,6 @@ def fetch(name: str) -> Path:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return target
-
-
-@contextmanager
-def _locked(path: Path):
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---- obtaining and converting ------------------------------------------------------------------

@@ -5,7 +5,7 @@ collectives, at `init_distributed`; with optimizer offload its CPU Adam) through
 cpp_extension, which guards the build directory with a lock *file*. A build that is killed —
 Ctrl-C during a first run, a job reaching its time limit — leaves that file, and every later
 run waits on it forever, printing nothing. So a learner rank loads the ops here first while
-holding an flock on the build root (the kernel releases it however its holder ends): every
+holding a file lock (flock) on the build root (the kernel releases it however its holder ends): every
 rlcore build of this root holds it, so a lock file found under it is a stale one and goes.
 DeepSpeed's own load later finds the op in its in-process cache.
 
@@ -17,11 +17,12 @@ rebuild each other's ops whenever a different one runs.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sys
 from pathlib import Path
+
+from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,7 @@ def load_ops(cpu_adam: bool) -> None:
 
     root = extensions_root()
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "rlcore-build.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with FileLock(root / "rlcore-build.lock"):
         for stale in root.glob("*/lock"):
             log.warning("removing %s, left by a build of that op that was stopped", stale)
             stale.unlink()
