@@ -148,11 +148,13 @@ def test_usr1_checkpoints_and_the_job_requeues_itself_to_finish(tmp_path):
             assert time.time() < deadline, "no step logged"
             time.sleep(0.2)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-        # Slurm holds a requeued job back for about two minutes (its begin time): start it now.
+        # Slurm holds a requeued job back for about two minutes (its begin time): start it sooner,
+        # though not within the second its first run's credential was revoked in (slurmd compares
+        # whole seconds and refuses the new one: "Job credential revoked", the job FAILED).
         while job_field(job_id, "JobState") != "PENDING":
             assert time.time() < deadline, "the job did not requeue"
             time.sleep(0.5)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], check=True)
 
     job_id, status, details = launch_and_wait(
         ["recipe=grpo_math", "nodes=1", "gpus_per_node=0", "time=15", "requeue=5", "trainer.steps=6",
