@@ -49,9 +49,11 @@ class CompletionNLL:
         return loss, {"nll_loss": loss.detach()}  # a "loss" share: adds up over micro-batches
 
 
-def build_scratch_model(texts: list[str], arch, out_dir: Path) -> str:
+def build_scratch_model(texts: list[str], arch, out_dir: Path, seed: int) -> str:
     """Train a byte-level BPE tokenizer (digits split one per token) on `texts` and save it
-    with a freshly initialised Llama model to out_dir."""
+    with a Llama model freshly initialised from `seed` to out_dir (the caller's RNG state is
+    left as it was)."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -70,7 +72,9 @@ def build_scratch_model(texts: list[str], arch, out_dir: Path) -> str:
         max_position_embeddings=arch.max_position_embeddings, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(out_dir)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return str(out_dir)
 
@@ -146,7 +150,7 @@ def starting_model(cfg, completion_of, run_dir: Path) -> str:
     if cfg.sft.from_scratch:
         rows = reasoning_gym_rows(cfg.data.task, 2000, cfg.data.train_seed, dict(cfg.data.task_args))
         texts = [r["question"] + " " + completion_of(Prompt("", r["question"], r["answer"], metadata=r["metadata"])) for r in rows]
-        model_path = build_scratch_model(texts, cfg.sft.scratch, run_dir / "init")
+        model_path = build_scratch_model(texts, cfg.sft.scratch, run_dir / "init", cfg.seed)
     else:
         model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
     if cfg.sft.add_tokens:
