@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from rlcore.algorithm import LossNorm, aggregate
@@ -53,7 +54,6 @@ def build_scratch_model(texts: list[str], arch, out_dir: Path, seed: int) -> str
     """Train a byte-level BPE tokenizer (digits split one per token) on `texts` and save it
     with a Llama model freshly initialised from `seed` to out_dir (the caller's RNG state is
     left as it was)."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 

@@ -5,9 +5,9 @@ collectives, at `init_distributed`; with optimizer offload its CPU Adam) through
 cpp_extension, which guards the build directory with a lock *file*. A build that is killed —
 Ctrl-C during a first run, a job reaching its time limit — leaves that file, and every later
 run waits on it forever, printing nothing. So a learner rank loads the ops here first while
-holding a file lock (flock) on the build root (the kernel releases it however its holder ends): every
-rlcore build of this root holds it, so a lock file found under it is a stale one and goes.
-DeepSpeed's own load later finds the op in its in-process cache.
+holding a file lock (flock, which the kernel releases however its holder ends) on the build
+root: every rlcore build of this root holds it, so a lock file found under it is a stale one
+and goes. DeepSpeed's own load later finds the op in its in-process cache.
 
 The build root is one per Python environment, `<sys.prefix>/torch_extensions`, unless
 TORCH_EXTENSIONS_DIR says otherwise: the ops are built against this environment's torch and

@@ -109,6 +109,10 @@ def run_under_stub_slurm(script: str, tmp_path: Path, job_id: int, srun_fails: b
     return job.returncode, stderr, calls.read_text().splitlines()
 
 
+def last_call(calls: list[str], prefix: str) -> int:
+    return max(i for i, c in enumerate(calls) if c.startswith(prefix))
+
+
 def test_script_starts_head_and_worker_then_trains_then_stops_ray(tmp_path):
     script = dry_run("recipe=grpo_math", "nodes=2", "gpus_per_node=8", *TRICKY, cwd=tmp_path)
     status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=1234)
@@ -127,7 +131,7 @@ def test_script_starts_head_and_worker_then_trains_then_stops_ray(tmp_path):
     train = [c.removeprefix("rlcore arg: ") for c in calls if c.startswith("rlcore arg: ")]
     assert train == ["train", "recipe=grpo_math", *TRICKY, f"cluster.address=127.0.0.1:{port}", "cluster.num_cpus=4"]
     # Ray is stopped after training, both nodes, by signal to this job's own processes.
-    last_train = max(i for i, c in enumerate(calls) if c.startswith("rlcore arg: "))
+    last_train = last_call(calls, "rlcore arg: ")
     assert sorted(calls[last_train + 1:]) == sorted([f"ray stopped: {head.removeprefix('ray ')}", f"ray stopped: {worker.removeprefix('ray ')}"])
 
 
@@ -193,13 +197,13 @@ def test_usr1_before_rlcore_catches_it_still_requeues(tmp_path):
     status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=78, usr1_after="ray start")
     assert status == 75, stderr[-3000:]
     assert not any(c.startswith("rlcore arg: ") for c in calls)
-    assert_ray_stopped_then_requeued(calls, max(i for i, c in enumerate(calls) if c.startswith("ray start")), 78)
+    assert_ray_stopped_then_requeued(calls, last_call(calls, "ray start"), 78)
 
     status, stderr, calls = run_under_stub_slurm(script, tmp_path, job_id=79, usr1_after="rlcore arg: train",
                                                  rlcore_on_usr1="die")
     assert status == 75, stderr[-3000:]
     assert "rlcore got USR1" not in calls
-    assert_ray_stopped_then_requeued(calls, max(i for i, c in enumerate(calls) if c.startswith("rlcore arg: ")), 79)
+    assert_ray_stopped_then_requeued(calls, last_call(calls, "rlcore arg: "), 79)
 
 
 SCONTROL_SHOWS = (  # stand-in `scontrol show job`: the next line of $STATES each call ("state exit_code restarts")
