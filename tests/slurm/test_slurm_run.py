@@ -131,6 +131,8 @@ def test_two_step_run_through_sbatch_on_every_node(tiny_model, tmp_path):
     else:
         assert placed == addresses, f"actors on {placed}" + details
     assert_ray_stopped(job_id, details)
+    # The workers stopped as asked, not killed by srun (it turns a SIGTERM into SIGKILL).
+    assert not re.search(r"forcing job termination|task \d+: Killed|CANCELLED AT", details), details
     token = Path.home() / ".ray" / "auth_token"  # Ray's token auth was on: its token is its owner's only
     assert token.exists() and token.stat().st_mode & 0o077 == 0, oct(token.stat().st_mode)
 

@@ -55,8 +55,13 @@ def test_cpu_share_instead_of_whole_nodes(tmp_path):
 
 
 STUBS = {
-    # srun: record, drop its options, run the command (on "the other node"); or fail, as told.
-    "srun": 'echo "srun $*" >> "$CALLS"\n[ -z "$SRUN_FAILS" ] || { sleep 1; exit 1; }\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+    # srun: record, drop its options, run the command (on "the other node") as its task; or fail,
+    # as told. Signals reach the task as Slurm's srun passes them on: SIGTERM as SIGKILL, SIGUSR2 as it is.
+    "srun": (
+        'echo "srun $*" >> "$CALLS"\n[ -z "$SRUN_FAILS" ] || { sleep 1; exit 1; }\nwhile [[ $1 == --* ]]; do shift; done\n'
+        'trap \'kill -KILL "$task"\' TERM\ntrap \'kill -USR2 "$task"\' USR2\n'
+        '"$@" &\ntask=$!\nwhile kill -0 "$task" 2>/dev/null; do wait "$task"; done\n'
+    ),
     # ray start: record (a worker after a second), then stay up until SIGTERM.
     # ray status: one active node per `ray start` so far.
     "ray": (
@@ -127,7 +132,7 @@ def test_script_starts_head_and_worker_then_trains_then_stops_ray(tmp_path):
     worker = f"{node} --address=127.0.0.1:{port}"
     srun = "srun --nodes=1 --ntasks=1 --ntasks-per-node=1 --exclude=localhost --cpus-per-task=4 bash -c"
     # Both nodes are up (the worker joins a second late) before training starts.
-    assert set(calls[:3]) == {head, f"{srun} ray_node --address=\"$0\" 127.0.0.1:{port}", worker}
+    assert set(calls[:3]) == {head, f"{srun} ray_worker \"$0\" 127.0.0.1:{port}", worker}
     train = [c.removeprefix("rlcore arg: ") for c in calls if c.startswith("rlcore arg: ")]
     assert train == ["train", "recipe=grpo_math", *TRICKY, f"cluster.address=127.0.0.1:{port}", "cluster.num_cpus=4"]
     # Ray is stopped after training, both nodes, by signal to this job's own processes.
