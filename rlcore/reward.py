@@ -10,12 +10,14 @@ Two forms:
 A dict holds named parts and must contain "score"; the other parts are logged as
 `reward/<fn>/<part>`. `reward.options.<fn>` are keyword options, checked against the
 function's signature at start-up. Built-ins are registered by short name; any other
-function is named by its dotted path (`mypkg.mod:fn` or `mypkg.mod.fn`).
+function is named by its dotted path (`mypkg.mod:fn` or `mypkg.mod.fn`); a module in the
+current folder is found, as with `python -m`.
 
 Every call runs in a separate process (pebble's pool) under `reward.timeout_s`: a
-reward that raises or hangs scores 0 (a whole group, for a group fn) and is counted in
-the metrics (`reward/errors`, `reward/timeouts`); a hanging worker is killed and
-replaced. User code never takes the trainer down.
+reward that raises, returns anything but finite numbers (a string, None, NaN) or hangs
+scores 0 (a whole group, for a group fn) and is counted in the metrics (`reward/errors`,
+`reward/timeouts`); a hanging worker is killed and replaced. The first error of each fn
+is also a warning on the console. User code never takes the trainer down.
 
 The accuracy gate (Short-RL, `reward.accuracy_gate`) zeroes the named fns' scores in a
 batch whose accuracy fell more than tau_acc below the best batch accuracy so far; that
@@ -25,7 +27,12 @@ running maximum is the runner's state, saved in checkpoints.
 from __future__ import annotations
 
 import inspect
+import logging
+import math
 import multiprocessing
+import os
+import reprlib
+import sys
 from collections import defaultdict
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -44,6 +51,11 @@ BUILTIN = {
     "soft_overlong": "rlcore.rewards.length:soft_overlong",
     "l1_length": "rlcore.rewards.length:l1_length",
 }
+# What a reward fn must look like, by whether it is a group reward.
+SIGNATURE = {False: "(sample: Sample, **options) -> float | dict",
+             True: "(group: list[Sample], **options) -> list[float | dict]"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,14 +77,30 @@ def group_reward(fn: Callable) -> Callable:
 
 
 def resolve(spec: str) -> Callable:
-    """A built-in name (BUILTIN) or a dotted path → the reward function."""
+    """A built-in name (BUILTIN) or a dotted path → the reward function. The current folder is
+    on the import path, as with `python -m`, so `myrew:fn` finds ./myrew.py (in the pool's
+    workers too: spawned processes start with this process's sys.path). It goes last, so a
+    file there never shadows an installed module."""
+    if spec not in BUILTIN and ":" not in spec and "." not in spec:
+        raise ConfigError(f"reward.fns: unknown reward {spec!r}; built-ins: {', '.join(BUILTIN)}; "
+                          "or your own function as module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     return import_function(BUILTIN.get(spec, spec), f"reward.fns ({spec})")
 
 
 def check_options(spec: str, options: dict) -> None:
-    """One-line ConfigError unless `options` are keyword arguments `spec`'s function takes."""
+    """One-line ConfigError unless `spec`'s function can be called as a reward (the sample or
+    group first) with `options` as keyword arguments."""
+    fn = resolve(spec)
+    signature = inspect.signature(fn)
     try:
-        inspect.signature(resolve(spec)).bind(None, **options)
+        signature.bind_partial(None)
+    except TypeError:
+        must = f"{fn.__name__}{SIGNATURE[getattr(fn, 'group_reward', False)]}"
+        raise ConfigError(f"reward.fns ({spec}): {fn.__name__}{signature} cannot be called as a reward; it must be {must}") from None
+    try:
+        signature.bind(None, **options)
     except TypeError as e:
         raise ConfigError(f"reward.options.{spec}: {e}; see the function's docstring") from None
 
@@ -80,18 +108,55 @@ def check_options(spec: str, options: dict) -> None:
 _resolved: dict[str, Callable] = {}
 
 
-def _call(spec: str, options: dict, payload):
-    """Runs in a pool worker: look the function up once per process, call it."""
+class RewardError(Exception):
+    """A reward fn raised or returned something invalid: one line saying what. Raised in the
+    worker with a plain message, so it always crosses back to the parent (a user's exception
+    class may not unpickle there, and that breaks the pool)."""
+
+
+def _call(spec: str, options: dict, payload) -> list[tuple[float, dict[str, float]]]:
+    """Runs in a pool worker: look the function up once per process, call it, check what it
+    returned. One (score, parts) pair per sample: one for a Sample, len(group) for a group."""
     if spec not in _resolved:
         _resolved[spec] = resolve(spec)
-    return _resolved[spec](payload, **options)
+    try:
+        value = _resolved[spec](payload, **options)
+    except Exception as e:
+        raise RewardError(f"raised {type(e).__name__}: {e}") from None
+    if not isinstance(payload, list):
+        return [_as_score(value)]
+    if not isinstance(value, (list, tuple)) or len(value) != len(payload):
+        raise RewardError(f"returned {_shown(value)}, expected a list of {len(payload)} scores, one per sample")
+    return [_as_score(v) for v in value]
+
+
+def _shown(value) -> str:
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
 
 
 def _as_score(value) -> tuple[float, dict[str, float]]:
-    if isinstance(value, dict):
-        parts = {k: float(v) for k, v in value.items()}
-        return parts.pop("score"), parts
-    return float(value), {}
+    """(score, parts) from a number or a dict with "score"; RewardError unless all are finite numbers."""
+    parts = dict(value) if isinstance(value, dict) else {"score": value}
+    if "score" not in parts:
+        raise RewardError(f"returned {_shown(value)}, expected a number or a dict with 'score'")
+    numbers = {name: _finite(v) for name, v in parts.items()}
+    for name, number in numbers.items():
+        if number is None:
+            where = f" as {name!r}" if isinstance(value, dict) else ""
+            raise RewardError(f"returned {_shown(parts[name])}{where}, expected a finite number")
+    return numbers.pop("score"), numbers
+
+
+def _finite(value) -> float | None:
+    """value as a finite float, or None. Anything float() takes counts (numpy scalars and bools,
+    0-d tensors) except text: "0.5" from a reward is a bug, not a score."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 class AccuracyGate:
@@ -124,6 +189,7 @@ class RewardRunner:
         if self.accuracy in self.grouped:
             raise ConfigError(f"reward.accuracy={self.accuracy!r} is a group reward; name a per-sample fn (e.g. math)")
         self.gate = AccuracyGate(cfg.accuracy_gate.tau_acc, cfg.accuracy_gate.fns)
+        self.warned: set[str] = set()  # fns whose first error is on the console already
         # spawn: the trainer process runs Ray's threads, which fork does not copy safely.
         self.pool = ProcessPool(max_workers=cfg.num_workers, context=multiprocessing.get_context("spawn"))
 
@@ -178,7 +244,7 @@ class RewardRunner:
         """spec → [(score, parts)] per sample, for every per-sample fn."""
         specs = [s for s in self.specs if s not in self.grouped]
         futures = {spec: [self._schedule(spec, sample) for sample in samples] for spec in specs}
-        return {spec: [self._result(f, None, counts)[0] for f in row] for spec, row in futures.items()}
+        return {spec: [self._result(spec, f, 1, counts)[0] for f in row] for spec, row in futures.items()}
 
     def _run_groups(self, samples: list[Sample], group_ids: list[int], counts) -> dict[str, list]:
         """spec → [(score, parts)] per sample, for every group fn, called once per group."""
@@ -190,26 +256,25 @@ class RewardRunner:
             futures = [(idx, self._schedule(spec, [samples[i] for i in idx])) for idx in members.values()]
             out[spec] = [None] * len(samples)
             for idx, future in futures:
-                for i, result in zip(idx, self._result(future, len(idx), counts)):
+                for i, result in zip(idx, self._result(spec, future, len(idx), counts)):
                     out[spec][i] = result
         return out
 
     def _schedule(self, spec: str, payload):
         return self.pool.schedule(_call, args=(spec, self.options[spec], payload), timeout=self.timeout_s)
 
-    @staticmethod
-    def _result(future, group_size: int | None, counts) -> list[tuple[float, dict]]:
-        """(score, parts) pairs from a future: one for a per-sample fn (group_size None), one
-        per member for a group fn; zeros (counted) if it timed out, raised or returned the
-        wrong count."""
-        size = group_size or 1
+    def _result(self, spec: str, future, size: int, counts) -> list[tuple[float, dict]]:
+        """`size` (score, parts) pairs from `spec`'s future (1 for a per-sample fn); zeros, counted,
+        if it timed out, raised or returned something invalid, and a warning the first time."""
         try:
-            values = future.result() if group_size else [future.result()]
-            if len(values) != size:
-                raise ValueError(f"returned {len(values)} scores for {size} samples")
-            return [_as_score(v) for v in values]
+            return future.result()
         except FutureTimeout:
             counts["reward/timeouts"] += 1
-        except Exception:  # a user reward that raises (or returns garbage) scores 0, counted
+        except Exception as e:
             counts["reward/errors"] += 1
+            if spec not in self.warned:
+                self.warned.add(spec)
+                message = str(e) if isinstance(e, RewardError) else f"failed: {type(e).__name__}: {e}"
+                log.warning("reward %s %s; it scores 0, and further errors are counted in reward/errors",
+                            spec, " ".join(message.split()))
         return [(0.0, {})] * size

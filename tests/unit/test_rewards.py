@@ -1,5 +1,9 @@
-"""Reward functions: math-verify cases, format, and user rewards that raise or hang."""
+"""Reward functions: math-verify cases, format, and user rewards that raise, hang, return
+garbage or are named wrong."""
 
+import logging
+import math
+import sys
 import time
 
 import pytest
@@ -8,7 +12,7 @@ from omegaconf import OmegaConf
 from rlcore.batch import Trajectory
 from rlcore.config import ConfigError, RewardConfig
 from rlcore.data import Prompt
-from rlcore.reward import RewardRunner, Sample, resolve
+from rlcore.reward import RewardRunner, Sample, check_options, resolve
 from rlcore.rewards.format import think_format
 from rlcore.rewards.math import last_boxed, math_correct
 
@@ -44,6 +48,24 @@ def test_unknown_reward_is_one_line_config_error():
     assert "\n" not in str(e.value)
 
 
+def test_unknown_builtin_name_lists_the_builtins():
+    with pytest.raises(ConfigError) as e:
+        resolve("mathh")
+    assert str(e.value) == ("reward.fns: unknown reward 'mathh'; built-ins: math, format, rpt, short_rl, kimi_length, "
+                            "soft_overlong, l1_length; or your own function as module:function")
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("user_rewards:takes_no_sample", "takes_no_sample(sample: Sample, **options) -> float | dict"),
+    ("user_rewards:group_takes_nothing", "group_takes_nothing(group: list[Sample], **options) -> list[float | dict]"),
+])
+def test_reward_with_wrong_signature_names_the_one_it_needs(spec, want):
+    with pytest.raises(ConfigError) as e:
+        check_options(spec, {})
+    name = spec.split(":")[1]
+    assert str(e.value) == f"reward.fns ({spec}): {name}() cannot be called as a reward; it must be {want}"
+
+
 def trajectory(text, truth="4"):
     return Trajectory(Prompt("p", "What is 2+2?", truth), [1], [0.0], text, "stop")
 
@@ -75,3 +97,40 @@ def test_raising_and_hanging_rewards_score_zero_and_are_counted():
     assert metrics["reward/errors"] == 3 and metrics["reward/timeouts"] == 3
     assert all(t.reward == 0.5 for t in trajs)
     assert again["reward/timeouts"] == 1 and again["reward/mean"] == 0.5
+
+
+def test_invalid_rewards_score_zero_and_warn_once_each(caplog):
+    """Raising, returning a non-number or a non-finite one: scored 0, counted, one warning per fn.
+    An exception that does not unpickle in this process must not break the pool."""
+    invalid = {
+        "user_rewards:raises": "raised RuntimeError: user bug",
+        "user_rewards:raises_two_arg_error": "raised TwoArgError: user and bug",
+        "user_rewards:returns_text": "returned 'good' (str), expected a finite number",
+        "user_rewards:returns_none": "returned None (NoneType), expected a finite number",
+        "user_rewards:returns_nan": "returned nan (float), expected a finite number",
+        "user_rewards:returns_inf_part": "returned inf (float) as 'brevity', expected a finite number",
+    }
+    with runner(["user_rewards:always_half", *invalid]) as r, caplog.at_level(logging.WARNING, logger="rlcore.reward"):
+        metrics = [r.score([trajectory("x"), trajectory("y")]) for _ in range(2)]
+    assert [m["reward/errors"] for m in metrics] == [12, 12]
+    assert [m["reward/mean"] for m in metrics] == [0.5, 0.5]
+    assert all(math.isfinite(v) for m in metrics for v in m.values())
+    assert [rec.getMessage() for rec in caplog.records] == [
+        f"reward {spec} {what}; it scores 0, and further errors are counted in reward/errors" for spec, what in invalid.items()]
+
+
+def test_numbers_float_takes_are_scores():
+    """A numpy bool (`np.isclose(…)`) or a 0-d tensor is a score, as float() reads it."""
+    with runner(["user_rewards:returns_numpy_true", "user_rewards:returns_0d_tensor"]) as r:
+        metrics = r.score([trajectory("x")])
+    assert metrics["reward/mean"] == 2.0 and metrics["reward/errors"] == 0
+
+
+def test_reward_module_in_the_current_folder_is_found(tmp_path, monkeypatch):
+    """`reward.fns=[myrew:fn]` with ./myrew.py, the folder not on sys.path: found, in the workers too."""
+    (tmp_path / "myrew_in_cwd.py").write_text("def fn(sample):\n    return 0.75\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    with runner(["myrew_in_cwd:fn"]) as r:
+        metrics = r.score([trajectory("x")])
+    assert metrics["reward/mean"] == 0.75 and metrics["reward/errors"] == 0
