@@ -100,7 +100,7 @@ def sft(cfg) -> dict:
     validate_sft(cfg)
     run_dir = Path(cfg.run_dir)
     checkpoints = Checkpointer(run_dir, cfg.sft.checkpoint_every, cfg.sft.keep_last)
-    resume_from = checkpoints.resume_point(cfg.resume)
+    resume_from = checkpoints.resume_point(cfg.resume, cfg.learner)
     completion_of = import_function(cfg.sft.completion_fn, "sft.completion_fn")
     model_path = starting_model(cfg, completion_of, run_dir)
     tokenizer = load_tokenizer(model_path)

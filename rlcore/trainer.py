@@ -37,7 +37,7 @@ def train(cfg) -> dict:
     validate_train(cfg, algorithm)
     run_dir = Path(cfg.run_dir)
     checkpoints = Checkpointer(run_dir, cfg.trainer.checkpoint_every, cfg.trainer.keep_last)
-    resume_from = checkpoints.resume_point(cfg.resume)
+    resume_from = checkpoints.resume_point(cfg.resume, cfg.learner)
     model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
     tokenizer = load_tokenizer(model_path)
     check_program(algorithm.program, tokenizer)

@@ -22,6 +22,8 @@ class LearnerGroup:
         options = actor_options or cpu_options(cluster_cfg, n)
         self.ranks = [ray.remote(LearnerRank).options(**o).remote(rank, n, threads) for rank, o in enumerate(options)]
         self.mini_batches = mini_batches
+        # What the optimizer shards a checkpoint holds depend on; recorded with them (rlcore.checkpoint).
+        self.layout = {"num_ranks": n, "zero_stage": learner_cfg.zero_stage}
         self.micro_rows, self.micro_tokens = learner_cfg.micro_batch_size, learner_cfg.micro_batch_tokens
         self.old_logprob_pass, self.has_reference = learner_cfg.old_logprob_pass, ref_path is not None
         shard = batch_size // (n * mini_batches)
