@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 from torch import Tensor
 
 from rlcore.config import ConfigError, check_choice
@@ -139,6 +141,9 @@ class Algorithm:
         for key in ("samples_per_prompt", "mini_batches", "epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"algorithm.{key}={getattr(self, key)} must be ≥ 1")
+        if self.clip_eps <= 0 or (self.clip_eps_high is not None and self.clip_eps_high <= 0):
+            raise ConfigError(f"algorithm.clip_eps={self.clip_eps}, clip_eps_high={self.clip_eps_high}: the clip range "
+                              "[1 - clip_eps, 1 + clip_eps_high] needs both > 0")
         if self.kl_coef < 0:
             raise ConfigError(f"algorithm.kl_coef={self.kl_coef} must be ≥ 0")
         if self.tis_cap <= 0:
@@ -221,4 +226,8 @@ def build_algorithm(options) -> Algorithm:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ConfigError(f"algorithm.{unknown[0]} is not an option of {name}; allowed: {', '.join(allowed)}")
-    return cls(**options)
+    try:  # each option as its field's type ("0.1" from a command line is a float; "abc" is an error)
+        typed = OmegaConf.merge(OmegaConf.structured(cls), options)
+    except ValidationError as e:
+        raise ConfigError(f"algorithm.{e.full_key}: {str(e).splitlines()[0]}") from None
+    return cls(**{key: typed[key] for key in options})

@@ -18,7 +18,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from rlcore.config import ConfigError, EvalConfig, SFTConfig, TrainConfig
+from rlcore.config import ConfigError, EvalConfig, SFTConfig, TrainConfig, config_choices
 
 SCHEMAS = {"train": TrainConfig, "sft": SFTConfig, "eval": EvalConfig}
 
@@ -94,20 +94,20 @@ def _task(command: str):
     return hydra.main(version_base=None, config_path="pkg://rlcore.conf", config_name=command)(run)
 
 
-def _group_options(group: str) -> list[str]:
-    folder = resources.files("rlcore.conf.recipe") if group == "recipe" else resources.files("rlcore.conf") / group
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def _shorthands(args: list[str]) -> list[str]:
-    """`model=PATH` → model.path=PATH and `data=PATH` → data=hf data.path=PATH when PATH is not a config option."""
+def _shorthands(args: list[str], command: str) -> list[str]:
+    """`model=PATH` → model.path=PATH and `data=PATH` → data=hf data.path=PATH when PATH is not a
+    config option. `algorithm.X=V` → `++algorithm.X=V` (train): `algorithm` is an open mapping
+    that each algorithm checks itself (build_algorithm), so X may be an option the recipe leaves
+    at its default, where Hydra would ask for `+algorithm.X`."""
     out = []
     for arg in args:
         key, sep, value = arg.partition("=")
-        if sep and key == "model" and value not in _group_options("model"):
+        if sep and key == "model" and value not in config_choices("model"):
             out.append(f"model.path={value}")
-        elif sep and key == "data" and value not in _group_options("data"):
+        elif sep and key == "data" and value not in config_choices("data"):
             out += ["data=hf", f"data.path={value}"]
+        elif sep and command == "train" and key.startswith("algorithm."):
+            out.append(f"++{arg}")
         else:
             out.append(arg)
     return out
@@ -119,58 +119,63 @@ def _explain(error: Exception, command: str) -> str:
     while error is not None:
         messages.append(str(error))
         error = error.__cause__ or error.__context__
-    text = "\n".join(messages)
-    key = re.search(r"full_key: (\S+)", text)
-    if key:
-        parent, _, leaf = key.group(1).rpartition(".")
+    keyed = next((m for m in messages if "full_key: " in m), None)
+    if keyed:
+        key = re.search(r"full_key: (\S+)", keyed).group(1)
+        parent, _, leaf = re.sub(r"\[\d+\]$", "", key).rpartition(".")  # reward.weights[1]: the setting is weights
         schema = OmegaConf.structured(SCHEMAS[command])
         node = OmegaConf.select(schema, parent) if parent else schema
         if isinstance(node, DictConfig) and leaf not in node:
-            return f"{key.group(1)} is not a setting; allowed under {parent or 'the top level'}: {', '.join(node.keys())}"
-        detail = messages[-1].splitlines()[0]
-        return f"{key.group(1)}: {detail}"
+            return f"{key} is not a setting; allowed under {parent or 'the top level'}: {', '.join(node.keys())}"
+        return f"{key}: {keyed.splitlines()[0]}"
     first = messages[0].split("Config search path:")[0]  # Hydra appends its search path: noise here
     return " ".join(line.strip() for line in first.splitlines() if line.strip())
 
 
-def _precheck(command: str, overrides: list[str]) -> None:
+def _compose(command: str, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_module
 
-    def composed(overrides):
-        with initialize_config_module(config_module="rlcore.conf", version_base=None):
-            return compose(config_name=command, overrides=overrides)
-
-    try:
-        composed(overrides)
-    except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
-        _fail(_algorithm_option_error(composed, overrides) or _explain(e, command))
+    with initialize_config_module(config_module="rlcore.conf", version_base=None):
+        return compose(config_name=command, overrides=overrides)
 
 
-def _algorithm_option_error(composed, overrides: list[str]) -> str | None:
-    """`algorithm` is an open mapping: an unknown `algorithm.X=…` is judged by the algorithm itself."""
+def _precheck(command: str, overrides: list[str]) -> None:
     from rlcore.algorithm import build_algorithm
+    from rlcore.checkpoint import check_run_dir
 
-    unknown = [o for o in overrides if o.startswith("algorithm.")]
-    if not unknown:
-        return None
     try:
-        cfg = composed([o for o in overrides if o not in unknown])
-        options = dict(cfg.algorithm)
-        for o in unknown:
-            key, _, value = o.partition("=")
-            options[key.split(".", 1)[1]] = value
-        build_algorithm(options)
+        cfg = _compose(command, overrides)
+    except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
+        _fail(_recipe_of_another_command(command, overrides) or _explain(e, command))
+    try:
+        check_run_dir(cfg.run_dir)
+        if command == "train":
+            build_algorithm(cfg.algorithm)
     except ConfigError as e:
-        return str(e)
-    except Exception:
+        _fail(str(e))
+
+
+def _recipe_of_another_command(command: str, overrides: list[str]) -> str | None:
+    """`rlcore sft recipe=opo_math`: the recipe composes for another command, not this one."""
+
+    def composes(for_command: str) -> bool:
+        try:
+            _compose(for_command, [recipe])
+        except Exception:  # Hydra's many error types
+            return False
+        return True
+
+    recipe = next((o for o in overrides if o.startswith("recipe=")), None)
+    if recipe is None or composes(command):
         return None
-    return None
+    other = next((c for c in SCHEMAS if c != command and composes(c)), None)
+    return other and f"{recipe} is a recipe for `rlcore {other}`, not `rlcore {command}`"
 
 
 def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE.format(recipes=", ".join(_group_options("recipe"))))
+        print(USAGE.format(recipes=", ".join(config_choices("recipe"))))
         return
     command, rest = args[0], args[1:]
     if command == "plot":
@@ -191,7 +196,7 @@ def main() -> None:
         return
     if command not in SCHEMAS:
         _fail(f"unknown command {command!r}; choose train, sft, eval, plot or launch")
-    rest = _shorthands(rest)
+    rest = _shorthands(rest, command)
     hydra_flags = [a for a in rest if a.startswith("-")]
     if not hydra_flags:
         _precheck(command, rest)

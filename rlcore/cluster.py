@@ -7,6 +7,8 @@ import os
 import signal
 from contextlib import contextmanager
 
+from rlcore.config import ConfigError
+
 
 def machine_cpus(cfg) -> int:
     return cfg.num_cpus or os.cpu_count() or 1
@@ -49,7 +51,11 @@ def ray_session(cfg):
 
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
     if cfg.address:
-        ray.init(address=cfg.address, **kwargs)
+        try:
+            ray.init(address=cfg.address, **kwargs)
+        except ConnectionError as e:
+            raise ConfigError(f"cluster.address={cfg.address}: {str(e).splitlines()[0]}; start one there (`ray start --head`), "
+                              "or leave cluster.address empty for a Ray of this run's own") from None
     else:
         ray.init(
             address="local",  # a new instance, even when `ray start` left one running on this machine

@@ -11,11 +11,18 @@ bad setting raises `ConfigError`, which the CLI prints as one line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Dict, List, Optional
 
 
 class ConfigError(ValueError):
     """A bad setting or bad input data. The CLI prints it as one line and exits 2."""
+
+
+def config_choices(group: str) -> list[str]:
+    """The names a config group offers (`recipe`, `model`, `data`, …): its YAML files, as installed."""
+    folder = resources.files("rlcore.conf.recipe") if group == "recipe" else resources.files("rlcore.conf") / group
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 @dataclass
@@ -368,6 +375,8 @@ def validate_common(cfg) -> None:
     if cfg.rollout.backend == "vllm":
         validate_vllm(cfg)
     validate_sparse(cfg)
+    check_positive("data.train_size", cfg.data.train_size)
+    check_positive("data.eval_size", cfg.data.eval_size)
     check_positive("rollout.num_workers", cfg.rollout.num_workers)
     check_positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     check_positive("rollout.temperature", cfg.rollout.temperature, zero_ok=True)
@@ -452,7 +461,8 @@ def validate_sparse(cfg) -> None:
     check_positive("rollout.sparse.min_blocks", sp.min_blocks)
     check_positive("rollout.sparse.rectify_every", sp.rectify_every, zero_ok=True)
     check_positive("rollout.sparse.budget_tokens", sp.budget_tokens)
-    check_positive("rollout.sparse.threshold", sp.threshold, zero_ok=True)
+    if not 0 <= sp.threshold < 1:
+        raise ConfigError(f"rollout.sparse.threshold={sp.threshold} is a gate probability: set it in (0, 1), or 0 to select by budget_tokens")
     if sp.method == "seer":
         from rlcore.sparse.attention import gate_file
 
@@ -479,6 +489,11 @@ def validate_learner(cfg) -> None:
     if len(cfg.learner.betas) != 2:
         raise ConfigError(f"learner.betas={list(cfg.learner.betas)} must have two numbers, e.g. [0.9,0.999]")
     check_positive("learner.micro_batch_tokens", cfg.learner.micro_batch_tokens, zero_ok=True)
+    check_positive("learner.warmup_steps", cfg.learner.warmup_steps, zero_ok=True)
+    check_positive("learner.weight_decay", cfg.learner.weight_decay, zero_ok=True)
+    check_positive("learner.grad_clip", cfg.learner.grad_clip, zero_ok=True)
+    if not 0 <= cfg.learner.min_lr_ratio <= 1:
+        raise ConfigError(f"learner.min_lr_ratio={cfg.learner.min_lr_ratio} must be in [0, 1]")
     if cfg.learner.offload_optimizer and cfg.learner.zero_stage == 0:
         raise ConfigError("learner.offload_optimizer=true needs learner.zero_stage 1, 2 or 3 (ZeRO-Offload)")
     if cfg.learner.offload_params and cfg.learner.zero_stage != 3:

@@ -50,6 +50,8 @@ def hf_rows(path: str, split: str) -> list[dict]:
             if not Path(path).exists():
                 raise ConfigError(f"data.path={path}: no such file")
             ds = datasets.load_dataset(_HF_FORMATS[suffix], data_files=path, split="train")
+        elif path in _HF_FORMATS.values():  # datasets would read every such file in the current folder
+            raise ConfigError(f"data.path={path} names a format, not a file: give the file, e.g. data=train.{path}")
         else:
             ds = datasets.load_dataset(path, split=split)
     except ConfigError:

@@ -13,6 +13,7 @@ rather than after the job waited in the queue.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import shutil
@@ -22,7 +23,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from rlcore.cli import _fail, _precheck, _shorthands
+from rlcore.cli import SCHEMAS, _fail, _precheck, _shorthands
 
 USAGE = ("usage: rlcore launch slurm [train|sft] nodes=N gpus_per_node=G [partition=P time=T requeue=M ...] [overrides] "
          "[--dry-run] [--wait]")
@@ -34,7 +35,7 @@ OPTIONS = {
     "gpus_per_node": (r"\d+", "a whole number, 0 for CPU nodes"),
     "cpus_per_node": (r"[1-9]\d*", "a whole number; leave it out to take whole nodes"),
     "mem": (r"\d+[KMGT]?", "a size per node such as 64G (0: all of the node's memory)"),
-    "time": (r"(\d+-)?\d+(:\d\d){0,2}", "minutes, HH:MM:SS or D-HH:MM:SS"),
+    "time": (r"(\d+-)?\d+(:[0-5]\d){0,2}", "minutes, HH:MM:SS or D-HH:MM:SS"),
     "partition": (r"[\w.,-]+", "a partition name (`sinfo -s` lists them)"),
     "account": (r"[\w.-]+", "a Slurm account name"),
     "job_name": (r"[\w.-]+", "letters, digits, '.', '_' and '-'"),
@@ -66,6 +67,8 @@ def parse(args: list[str]) -> tuple[str, dict[str, str], list[str], set[str]]:
             options[key] = value
         elif key in SET_BY_SCRIPT:
             _fail(f"{key} is set by the launcher ({SET_BY_SCRIPT[key]}); remove {arg}")
+        elif sep and not is_setting(command, key):
+            _fail(f"{key} is neither an option of rlcore launch slurm ({', '.join(OPTIONS)}) nor a setting of rlcore {command}")
         else:
             overrides.append(arg)
     for key in REQUIRED:
@@ -73,7 +76,15 @@ def parse(args: list[str]) -> tuple[str, dict[str, str], list[str], set[str]]:
             _fail(f"{key} is missing; add {key}=N ({OPTIONS[key][1]})")
     if "requeue" in options:
         overrides = with_resume_auto(options, overrides)
-    return command, options, _shorthands(overrides), flags
+    return command, options, _shorthands(overrides, command), flags
+
+
+def is_setting(command: str, key: str) -> bool:
+    """Whether an override's key starts with a section of `command`'s schema (`trainer.steps`),
+    `recipe`, or Hydra's (`hydra.…`), in any of Hydra's forms (`+key`, `++key`, `~key`). The
+    whole key is checked later, by composing the config."""
+    section = re.split(r"[.\[]", key.lstrip("+~"), maxsplit=1)[0]
+    return section in {f.name for f in dataclasses.fields(SCHEMAS[command])} | {"recipe", "hydra"}
 
 
 def with_resume_auto(options: dict[str, str], overrides: list[str]) -> list[str]:

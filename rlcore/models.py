@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from rlcore import model_zoo
-from rlcore.config import ConfigError
+from rlcore.config import ConfigError, config_choices
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -25,7 +25,21 @@ def resolve_model_path(path: str) -> str:
         if not (Path(str(found)) / "config.json").exists():
             raise ConfigError(f"model.path={path}: no embedded model {name!r} in {found}")
         return str(found)
+    check_model_folder(path)
     return path
+
+
+def check_model_folder(path: str) -> None:
+    """ConfigError for a model.path that names a folder here (an existing one, or one written as
+    a path: /…, ./…, ~/…) without a model in it; anything else may be a Hugging Face Hub id."""
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").exists():
+        inner = folder / "model"
+        fix = (f"a checkpoint's model is its model/ folder: model.path={inner}" if (inner / "config.json").exists()
+               else "name a folder saved by save_pretrained (a run's final/, a checkpoint's model/)")
+        raise ConfigError(f"model.path={path}: no model in this folder (no config.json); {fix}")
+    if not folder.exists() and path.startswith(("/", ".", "~")):
+        raise ConfigError(f"model.path={path}: no such folder")
 
 
 def load_tokenizer(path: str):
@@ -34,7 +48,8 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
     except OSError as e:
-        raise ConfigError(f"model.path={path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"model.path={path}: cannot load a tokenizer ({str(e).splitlines()[0]}); model.path is a model "
+                          f"folder, a Hugging Face Hub id, or model={'|'.join(config_choices('model'))}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -32,6 +32,21 @@ def cpu_options(cluster_cfg, actors: int) -> list[dict]:
     return [{"num_cpus": cluster_cfg.cpus_per_actor}] * actors
 
 
+def check_cpus_fit(cpus_per_actor: float, rollout_workers: int, learner_ranks: int) -> None:
+    """ConfigError unless the Ray cluster's nodes hold every actor, each on one node: Ray would
+    wait for the CPUs forever, and without a word."""
+    import ray
+
+    nodes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    actors = rollout_workers + learner_ranks
+    if sum(int(cpus / cpus_per_actor + 1e-6) for cpus in nodes) < actors:
+        raise ConfigError(
+            f"cluster.cpus_per_actor={cpus_per_actor:g} for each of {actors} actors (rollout.num_workers={rollout_workers}, "
+            f"learner.num_ranks={learner_ranks}) does not fit the Ray cluster's CPUs ({' + '.join(f'{c:g}' for c in nodes)} "
+            "on its nodes); lower cluster.cpus_per_actor or the actor counts"
+        )
+
+
 def plan_placement(cluster_cfg, rollout_workers: int, tensor_parallel: int, learner_ranks: int, timeout_s: float = 600) -> Placement:
     import ray
     from ray.util.placement_group import placement_group
@@ -40,6 +55,7 @@ def plan_placement(cluster_cfg, rollout_workers: int, tensor_parallel: int, lear
     cpus = cluster_cfg.cpus_per_actor
     gpus = ray.cluster_resources().get("GPU", 0)
     if not gpus:
+        check_cpus_fit(cpus, rollout_workers, learner_ranks)
         return Placement(cpu_options(cluster_cfg, rollout_workers), cpu_options(cluster_cfg, learner_ranks))
 
     if cluster_cfg.placement == "split" or not learner_ranks:  # nothing to share with (rlcore eval)

@@ -25,9 +25,18 @@ def rlcore(*args, timeout=600, **kw):
 
 @pytest.mark.parametrize("override, expected", [
     ("trainer.stepz=3", "trainer.stepz is not a setting; allowed under trainer: steps, prompts_per_step"),
-    ("trainer.steps=abc", "trainer.steps"),
+    ("trainer.steps=abc", "trainer.steps: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("trainer.steps=3.5", "trainer.steps: Value '3.5' of type 'float' could not be converted to Integer"),
+    ("trainer.eval_before=maybe", "trainer.eval_before: Value 'maybe' is not a valid bool"),
+    ("reward.weights=[1.0,abc]", "reward.weights[1]: Value 'abc' of type 'str' could not be converted to Float"),
+    (f"run_dir={__file__}", f"run_dir={__file__}: is a file; choose a directory"),
+    ("algorithm.kl_coef=0.1", "OPO uses no KL term"),  # an option the recipe leaves out still reaches the algorithm
+    ("algorithm.clip_eps=abc", "algorithm.clip_eps: Value 'abc' of type 'str' could not be converted to Float"),
+    ("model.path=/no/such/model", "model.path=/no/such/model: no such folder"),
+    ("algorithm.clip_eps=-0.2", "the clip range [1 - clip_eps, 1 + clip_eps_high] needs both > 0"),
     ("algorithm.foo=1", "algorithm.foo is not an option of opo"),
     ("recipe=no_such_recipe", "no_such_recipe"),
+    ("learner.warmup_steps=-5", "learner.warmup_steps=-5 must be ≥ 0"),
     ("learner.zero_stage=5", "learner.zero_stage=5 is not allowed; choose one of: 0, 1, 2, 3"),
     ("algorithm.mini_batches=2", "OPO is exactly on-policy"),
     ("rollout.sparse.method=dense", "rollout.sparse.method='dense' is not allowed; choose one of: none, resa, seer"),
@@ -39,6 +48,23 @@ def test_bad_override_is_one_line_and_exit_2(override, expected):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("rlcore: error:"), result.stderr[-2000:]
     assert expected in lines[0]
+
+
+@pytest.mark.parametrize("command, recipe, owner", [("sft", "opo_math", "train"), ("train", "sft_arith", "sft")])
+def test_a_recipe_of_another_command_is_named(command, recipe, owner):
+    result = rlcore(command, f"recipe={recipe}", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == f"rlcore: error: recipe={recipe} is a recipe for `rlcore {owner}`, not `rlcore {command}`"
+
+
+def test_actors_the_cluster_cannot_hold_are_one_line_not_a_wait(tmp_path):
+    """Ray would wait for the CPUs forever; 2 actors of 1 CPU each on a 1-CPU Ray."""
+    result = rlcore("train", "recipe=opo_math", "cluster.num_cpus=1", "cluster.cpus_per_actor=1", "logger.wandb=false",
+                    f"run_dir={tmp_path}", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == (
+        "rlcore: error: cluster.cpus_per_actor=1 for each of 2 actors (rollout.num_workers=1, learner.num_ranks=1) does not "
+        "fit the Ray cluster's CPUs (1 on its nodes); lower cluster.cpus_per_actor or the actor counts")
 
 
 def train_args(model, run_dir, *extra):

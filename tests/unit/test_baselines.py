@@ -354,7 +354,7 @@ def test_truncated_is_hand_value():
     ({"name": "dapo", "max_sampling_rounds": 0}, "algorithm.max_sampling_rounds=0 must be ≥ 1"),
     ({"name": "dapo", "overlong_buffer": 50, "overlong_max_tokens": 40}, "algorithm.overlong_buffer=50 must be in"),
     ({"name": "dapo", "overlong_buffer": -1}, "algorithm.overlong_buffer=-1 must be in"),
-    ({"name": "gspo", "tis_cap": 0}, "algorithm.tis_cap=0 must be > 0"),
+    ({"name": "gspo", "tis_cap": 0}, "algorithm.tis_cap=0.0 must be > 0"),
     ({"name": "rloo", "scale_by_std": False}, "algorithm.scale_by_std is not an option of rloo"),
     ({"name": "reinforce_pp", "baseline": "batch"}, "algorithm.baseline is not an option of reinforce_pp"),
     ({"name": "gspo", "loss_agg": "sum"}, "algorithm.loss_agg='sum' is not allowed"),

@@ -17,7 +17,7 @@ from rlcore.arith import (
     verbose_question,
 )
 from rlcore.config import ConfigError, DataConfig
-from rlcore.data import Prompt, PromptSampler, load_splits
+from rlcore.data import Prompt, PromptSampler, hf_rows, load_splits
 from rlcore.models import load_tokenizer
 from rlcore.reward import Sample
 from rlcore.rewards.math import math_correct
@@ -144,3 +144,11 @@ def test_tied_afterword_share_follows_the_stated_target():
         assert all(t.removesuffix(AFTERWORD) == column_addition_completion(p) for t, p in zip(texts, prompts))
     with pytest.raises(ConfigError, match="data.target_length.choices=\\[32, 60\\]"):
         column_addition_completion_afterword_tied(Prompt("", questions[0], "", metadata={"target_length": 40}))
+
+
+def test_a_format_name_is_not_taken_for_a_dataset(tmp_path, monkeypatch):
+    """`data=csv`: datasets would load every csv file of the current folder as one dataset."""
+    (tmp_path / "unrelated.csv").write_text("a,b\n1,2\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^data.path=csv names a format, not a file: give the file, e.g. data=train.csv$"):
+        hf_rows("csv", "train")

@@ -247,6 +247,8 @@ def test_slurm_time_in_minutes(value, minutes):
     (["nodes=2"], "gpus_per_node is missing; add gpus_per_node=N"),
     (["nodes=0", "gpus_per_node=0"], "nodes=0 is not valid; nodes is a whole number of machines, at least 1"),
     (["nodes=1", "gpus_per_node=0", "time=soon"], "time=soon is not valid; time is minutes, HH:MM:SS or D-HH:MM:SS"),
+    (["nodes=1", "gpus_per_node=0", "time=99:99:99"], "time=99:99:99 is not valid; time is minutes, HH:MM:SS"),
+    (["nodes=1", "gpus_per_node=0", "qos=high"], "qos is neither an option of rlcore launch slurm (nodes, gpus_per_node,"),
     (["nodes=1", "gpus_per_node=0", "--nodes=2"], "--nodes=2 is not an option of rlcore launch slurm; use --dry-run or --wait"),
     (["nodes=1", "gpus_per_node=0", "cluster.address=h:1"], "cluster.address is set by the launcher"),
     (["nodes=1", "gpus_per_node=0", "trainer.stepz=3"], "trainer.stepz is not a setting; allowed under trainer: steps"),

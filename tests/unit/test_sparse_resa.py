@@ -26,6 +26,7 @@ def gqa_model():
 @pytest.mark.parametrize("overrides, message", [
     ({"sparse.method": "seer", "sparse.gate_path": "/nowhere/gates.safetensors"}, "rollout.sparse.method=seer: no gate file at /nowhere"),
     ({"sparse.method": "resa", "sparse.keep_ratio": 0.0}, "rollout.sparse.keep_ratio=0.0 must be in (0, 1]"),
+    ({"sparse.method": "seer", "sparse.threshold": 2.0}, "rollout.sparse.threshold=2.0 is a gate probability"),
     ({"sparse.method": "seer", "sparse.budget_tokens": 8}, "rollout.sparse.budget_tokens=8 is less than one block"),
     ({"backend": "vllm", "sparse.method": "resa"}, "rollout.sparse.rectify_every=32: vLLM cannot re-run generated tokens densely; set rollout.sparse.rectify_every=0"),
 ])
