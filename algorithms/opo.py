@@ -51,6 +51,10 @@ class OPO(Algorithm):
         if self.kl_coef:
             raise ConfigError(f"algorithm.kl_coef={self.kl_coef}: OPO uses no KL term; set it to 0")
 
+    @property
+    def baseline_within_groups(self) -> bool:
+        return self.baseline == "group"
+
     def advantages(self, batch) -> Tensor:
         group_ids = batch["group_ids"] if self.baseline == "group" else batch["group_ids"] * 0
         per_sample = opo_advantages(batch["rewards"], batch["response_lengths"], group_ids)

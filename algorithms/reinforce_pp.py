@@ -64,6 +64,10 @@ class ReinforcePP(Algorithm):
     def needs_reference(self) -> bool:
         return super().needs_reference or self.reward_kl_coef > 0
 
+    @property
+    def baseline_within_groups(self) -> bool:
+        return False  # the batch's mean
+
     def advantages(self, batch) -> Tensor:
         mask = batch["response_mask"]
         kl = batch["rollout_logp"] - batch["ref_logp"] if self.reward_kl_coef else torch.zeros_like(mask)

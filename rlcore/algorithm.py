@@ -141,6 +141,9 @@ class Algorithm:
         for key in ("samples_per_prompt", "mini_batches", "epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"algorithm.{key}={getattr(self, key)} must be ≥ 1")
+        if self.samples_per_prompt == 1 and self.baseline_within_groups:
+            raise ConfigError(f"algorithm.samples_per_prompt=1: {self.name}'s baseline comes from the other samples of the "
+                              "same prompt, and with none every advantage is 0; set it to 2 or more")
         if self.clip_eps <= 0 or (self.clip_eps_high is not None and self.clip_eps_high <= 0):
             raise ConfigError(f"algorithm.clip_eps={self.clip_eps}, clip_eps_high={self.clip_eps_high}: the clip range "
                               "[1 - clip_eps, 1 + clip_eps_high] needs both > 0")
@@ -152,6 +155,11 @@ class Algorithm:
     @property
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
+
+    @property
+    def baseline_within_groups(self) -> bool:
+        """Whether advantages compare a sample with the others of its prompt (its group)."""
+        return True
 
     @property
     def sampling_rounds(self) -> int:

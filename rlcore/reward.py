@@ -16,7 +16,7 @@ current folder is found, as with `python -m`.
 Every call runs in a separate process (pebble's pool) under `reward.timeout_s`: a
 reward that raises, returns anything but finite numbers (a string, None, NaN) or hangs
 scores 0 (a whole group, for a group fn) and is counted in the metrics (`reward/errors`,
-`reward/timeouts`); a hanging worker is killed and replaced. The first error of each fn
+`reward/timeouts`); a hanging worker is killed and replaced. The first failure of each fn
 is also a warning on the console. User code never takes the trainer down.
 
 The accuracy gate (Short-RL, `reward.accuracy_gate`) zeroes the named fns' scores in a
@@ -270,11 +270,13 @@ class RewardRunner:
             return future.result()
         except FutureTimeout:
             counts["reward/timeouts"] += 1
+            self._warn_once(spec, f"ran past reward.timeout_s={self.timeout_s:g} s", "reward/timeouts")
         except Exception as e:
             counts["reward/errors"] += 1
-            if spec not in self.warned:
-                self.warned.add(spec)
-                message = str(e) if isinstance(e, RewardError) else f"failed: {type(e).__name__}: {e}"
-                log.warning("reward %s %s; it scores 0, and further errors are counted in reward/errors",
-                            spec, " ".join(message.split()))
+            self._warn_once(spec, str(e) if isinstance(e, RewardError) else f"failed: {type(e).__name__}: {e}", "reward/errors")
         return [(0.0, {})] * size
+
+    def _warn_once(self, spec: str, what: str, counted_in: str) -> None:
+        if spec not in self.warned:
+            self.warned.add(spec)
+            log.warning("reward %s %s; it scores 0, and further failures are counted in %s", spec, " ".join(what.split()), counted_in)

@@ -358,11 +358,18 @@ def test_truncated_is_hand_value():
     ({"name": "rloo", "scale_by_std": False}, "algorithm.scale_by_std is not an option of rloo"),
     ({"name": "reinforce_pp", "baseline": "batch"}, "algorithm.baseline is not an option of reinforce_pp"),
     ({"name": "gspo", "loss_agg": "sum"}, "algorithm.loss_agg='sum' is not allowed"),
+    ({"name": "rloo", "samples_per_prompt": 1}, "algorithm.samples_per_prompt=1: rloo's baseline comes from the other samples"),
+    ({"name": "opo", "samples_per_prompt": 1}, "algorithm.samples_per_prompt=1: opo's baseline"),
 ])
 def test_baseline_config_errors(options, message):
     with pytest.raises(ConfigError, match=message) as error:
         build_algorithm(options)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("options", [{"name": "reinforce_pp"}, {"name": "opo", "baseline": "batch"}])
+def test_one_sample_per_prompt_is_fine_with_a_batch_baseline(options):
+    assert build_algorithm({**options, "samples_per_prompt": 1}).samples_per_prompt == 1
 
 
 @pytest.mark.parametrize("recipe, name", [

@@ -86,10 +86,11 @@ def test_runner_weights_parts_and_accuracy():
     assert metrics["reward/user_rewards:with_parts/brevity"] == 0.25
 
 
-def test_raising_and_hanging_rewards_score_zero_and_are_counted():
+def test_raising_and_hanging_rewards_score_zero_and_are_counted(caplog):
     trajs = [trajectory(r"\boxed{4}") for _ in range(3)]
     started = time.monotonic()
-    with runner(["user_rewards:always_half", "user_rewards:raises", "user_rewards:hangs"], timeout_s=2.0) as r:
+    with runner(["user_rewards:always_half", "user_rewards:raises", "user_rewards:hangs"], timeout_s=2.0) as r, \
+            caplog.at_level(logging.WARNING, logger="rlcore.reward"):
         metrics = r.score(trajs)
         # the pool survives: a second round still scores
         again = r.score([trajectory(r"\boxed{4}")])
@@ -97,6 +98,8 @@ def test_raising_and_hanging_rewards_score_zero_and_are_counted():
     assert metrics["reward/errors"] == 3 and metrics["reward/timeouts"] == 3
     assert all(t.reward == 0.5 for t in trajs)
     assert again["reward/timeouts"] == 1 and again["reward/mean"] == 0.5
+    assert "reward user_rewards:hangs ran past reward.timeout_s=2 s; it scores 0, and further failures are counted in " \
+        "reward/timeouts" in [rec.getMessage() for rec in caplog.records]
 
 
 def test_invalid_rewards_score_zero_and_warn_once_each(caplog):
@@ -116,7 +119,7 @@ def test_invalid_rewards_score_zero_and_warn_once_each(caplog):
     assert [m["reward/mean"] for m in metrics] == [0.5, 0.5]
     assert all(math.isfinite(v) for m in metrics for v in m.values())
     assert [rec.getMessage() for rec in caplog.records] == [
-        f"reward {spec} {what}; it scores 0, and further errors are counted in reward/errors" for spec, what in invalid.items()]
+        f"reward {spec} {what}; it scores 0, and further failures are counted in reward/errors" for spec, what in invalid.items()]
 
 
 def test_numbers_float_takes_are_scores():
