@@ -78,7 +78,15 @@ def plan_placement(cluster_cfg, rollout_workers: int, tensor_parallel: int, lear
             f"+ learner ranks, or learner ranks when colocated); the Ray cluster has {gpus:g}"
         )
     group = placement_group(bundles, strategy="PACK")
-    ray.get(group.ready(), timeout=timeout_s)
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(group)
+        raise ConfigError(
+            f"cluster.placement={cluster_cfg.placement}: Ray could not reserve {needed:g} GPUs with "
+            f"cluster.cpus_per_actor={cpus:g} CPUs per actor within {timeout_s:g} s; other jobs hold them, or a node "
+            "has too few CPUs (lower cluster.cpus_per_actor); `ray status` shows what is free"
+        ) from None
 
     def options(bundle: int, gpu_share: float) -> dict:
         strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle)

@@ -55,3 +55,11 @@ def test_asking_for_more_gpus_than_the_cluster_has_is_a_config_error():
 def test_colocated_needs_one_gpu_per_rollout_worker():
     with pytest.raises(ConfigError, match="tensor_parallel_size=1"):
         placed("colocated", rollout_workers=1, tensor_parallel=2, learner_ranks=2)
+
+
+def test_a_reservation_the_cluster_cannot_make_is_a_config_error_not_a_wait():
+    """4 GPUs free, but 4 actors × 1 CPU on a 2-CPU cluster: the placement group never fits."""
+    cluster = OmegaConf.structured(ClusterConfig(placement="split", cpus_per_actor=1))
+    with pytest.raises(ConfigError, match=r"could not reserve 4 GPUs with cluster.cpus_per_actor=1 CPUs per actor within 2 s"):
+        plan_placement(cluster, rollout_workers=1, tensor_parallel=1, learner_ranks=3, timeout_s=2)
+    assert not [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]  # none left holding GPUs
