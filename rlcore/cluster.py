@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from contextlib import contextmanager
 
 from rlcore.config import ConfigError
@@ -43,6 +44,18 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def check_answers(address: str, fix: str, timeout_s: float = 10) -> None:
+    """ConfigError unless something accepts a connection at a HOST:PORT (or ray://HOST:PORT)
+    address: ray.init retries a refused one for minutes. `auto` is left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()  # [::1]:6379 too
+    except OSError as e:
+        raise ConfigError(f"cluster.address={address}: nothing answers there ({e.strerror or type(e).__name__}); {fix}") from None
+
+
 @contextmanager
 def ray_session(cfg):
     """Ray for the duration of the block; whatever this process started is shut down on
@@ -51,11 +64,12 @@ def ray_session(cfg):
 
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
     if cfg.address:
+        fix = "start one there (`ray start --head`), or leave cluster.address empty for a Ray of this run's own"
+        check_answers(cfg.address, fix)
         try:
             ray.init(address=cfg.address, **kwargs)
         except ConnectionError as e:
-            raise ConfigError(f"cluster.address={cfg.address}: {str(e).splitlines()[0]}; start one there (`ray start --head`), "
-                              "or leave cluster.address empty for a Ray of this run's own") from None
+            raise ConfigError(f"cluster.address={cfg.address}: {str(e).splitlines()[0]}; {fix}") from None
     else:
         ray.init(
             address="local",  # a new instance, even when `ray start` left one running on this machine
