@@ -29,9 +29,9 @@ def _register_configs() -> None:
     store = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
         store.store(name=f"{name}_schema", node=schema)
-    for path in resources.files("rlcore.conf.recipe").iterdir():
-        if path.name.endswith(".yaml"):
-            store.store(group="recipe", name=path.name[: -len(".yaml")], node=OmegaConf.load(str(path)), package="_global_")
+    recipes = resources.files("rlcore.conf.recipe")
+    for name in config_choices("recipe"):
+        store.store(group="recipe", name=name, node=OmegaConf.load(str(recipes / f"{name}.yaml")), package="_global_")
 
 
 _register_configs()
