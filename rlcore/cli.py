@@ -38,12 +38,13 @@ _register_configs()
 
 USAGE = """usage: rlcore COMMAND [overrides]
 
-  rlcore train recipe=NAME [key=value ...]   RL training (recipes: {recipes})
+  rlcore train recipe=NAME [key=value ...]   RL training
   rlcore sft recipe=NAME [key=value ...]     supervised fine-tuning
   rlcore eval model=PATH [data=PATH]         greedy held-out accuracy of a model
   rlcore plot RUN_DIR                        PNG curves from RUN_DIR/metrics.jsonl
   rlcore launch slurm [sft] nodes=N gpus_per_node=G recipe=NAME [...]   train (or sft) as a Slurm job (docs/cluster.md)
 
+Recipes (train and sft; a wrong one names those of the command): {recipes}
 Hydra options work after the command: --cfg job, -m (multirun), --help."""
 
 
@@ -146,7 +147,7 @@ def _precheck(command: str, overrides: list[str]) -> None:
     try:
         cfg = _compose(command, overrides)
     except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
-        _fail(_recipe_of_another_command(command, overrides) or _explain(e, command))
+        _fail(_recipe_problem(command, overrides) or _explain(e, command))
     try:
         check_run_dir(cfg.run_dir)
         if command == "train":
@@ -155,21 +156,26 @@ def _precheck(command: str, overrides: list[str]) -> None:
         _fail(str(e))
 
 
-def _recipe_of_another_command(command: str, overrides: list[str]) -> str | None:
-    """`rlcore sft recipe=opo_math`: the recipe composes for another command, not this one."""
+def _recipe_problem(command: str, overrides: list[str]) -> str | None:
+    """A recipe that does not compose for this command: an unknown name (Hydra's own message
+    lists the recipes of every command), or a recipe of another command (`rlcore sft
+    recipe=opo_math`). Composing each recipe takes a few seconds: only on this error path."""
 
-    def composes(for_command: str) -> bool:
+    def composes(for_command: str, recipe: str) -> bool:
         try:
-            _compose(for_command, [recipe])
+            _compose(for_command, [f"recipe={recipe}"])
         except Exception:  # Hydra's many error types
             return False
         return True
 
-    recipe = next((o for o in overrides if o.startswith("recipe=")), None)
-    if recipe is None or composes(command):
+    recipe = next((o.partition("=")[2] for o in overrides if o.startswith("recipe=")), None)
+    if recipe is None or composes(command, recipe):
         return None
-    other = next((c for c in SCHEMAS if c != command and composes(c)), None)
-    return other and f"{recipe} is a recipe for `rlcore {other}`, not `rlcore {command}`"
+    if recipe not in config_choices("recipe"):
+        own = [r for r in config_choices("recipe") if composes(command, r)]
+        return f"recipe={recipe}: no such recipe for `rlcore {command}`; choose one of: {', '.join(own)}"
+    other = next((c for c in SCHEMAS if c != command and composes(c, recipe)), None)
+    return other and f"recipe={recipe} is a recipe for `rlcore {other}`, not `rlcore {command}`"
 
 
 def main() -> None:

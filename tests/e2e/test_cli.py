@@ -35,15 +35,13 @@ def rlcore(*args, timeout=600, **kw):
     ("model.path=/no/such/model", "model.path=/no/such/model: no such folder"),
     ("algorithm.clip_eps=-0.2", "the clip range [1 - clip_eps, 1 + clip_eps_high] needs both > 0"),
     ("algorithm.foo=1", "algorithm.foo is not an option of opo"),
-    ("recipe=no_such_recipe", "no_such_recipe"),
     ("learner.warmup_steps=-5", "learner.warmup_steps=-5 must be ≥ 0"),
     ("learner.zero_stage=5", "learner.zero_stage=5 is not allowed; choose one of: 0, 1, 2, 3"),
     ("algorithm.mini_batches=2", "OPO is exactly on-policy"),
     ("rollout.sparse.method=dense", "rollout.sparse.method='dense' is not allowed; choose one of: none, resa, seer"),
 ])
 def test_bad_override_is_one_line_and_exit_2(override, expected):
-    recipe = [] if override.startswith("recipe=") else ["recipe=opo_math"]
-    result = rlcore("train", *recipe, override, "logger.wandb=false", timeout=120)
+    result = rlcore("train", "recipe=opo_math", override, "logger.wandb=false", timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("rlcore: error:"), result.stderr[-2000:]
@@ -55,6 +53,16 @@ def test_a_recipe_of_another_command_is_named(command, recipe, owner):
     result = rlcore(command, f"recipe={recipe}", timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == f"rlcore: error: recipe={recipe} is a recipe for `rlcore {owner}`, not `rlcore {command}`"
+
+
+@pytest.mark.parametrize("command, one_of_its_own, not_its_own", [("train", "opo_math", "sft_arith"), ("sft", "sft_arith", "opo_math")])
+def test_an_unknown_recipe_lists_only_the_recipes_of_the_command(command, one_of_its_own, not_its_own):
+    result = rlcore(command, "recipe=nosuch", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip()
+    assert line.startswith(f"rlcore: error: recipe=nosuch: no such recipe for `rlcore {command}`; choose one of: ")
+    choices = line.rpartition(": ")[2].split(", ")
+    assert one_of_its_own in choices and not_its_own not in choices
 
 
 def test_actors_the_cluster_cannot_hold_are_one_line_not_a_wait(tmp_path):
