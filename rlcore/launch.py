@@ -168,9 +168,11 @@ def _sbatch_quote(value: str) -> str:
 
 def submit(script: Path, log_pattern: Path, wait: bool) -> int:
     """sbatch the script; print the job id and its log; with --wait, the job's exit status."""
-    submitted = subprocess.run(["sbatch", "--parsable", str(script)], stdout=subprocess.PIPE, text=True)  # errors go to stderr
-    if submitted.returncode != 0:
-        return submitted.returncode
+    submitted = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if submitted.returncode != 0:  # sbatch's last line says why ("fatal: Could not establish a configuration source")
+        why = ([line.strip() for line in submitted.stderr.splitlines() if line.strip()] or ["no message"])[-1]
+        _fail(f"sbatch did not take the job: {why} (the script is {script}; `sbatch {script}` submits it again)")
+    sys.stderr.write(submitted.stderr)  # warnings of a job it took
     job_id = submitted.stdout.strip().split(";")[0]  # "id" or "id;cluster"
     print(f"job: {job_id}\nlog: {str(log_pattern).replace('%j', job_id)}", flush=True)
     if not wait:

@@ -271,3 +271,20 @@ def test_other_launcher_and_missing_sbatch_are_one_line(tmp_path):
     no_slurm = {**os.environ, "PATH": str(Path(sys.executable).parent)}
     result = launch("nodes=1", "gpus_per_node=0", cwd=tmp_path, env=no_slurm)
     assert result.returncode == 2 and result.stderr.startswith("rlcore: error: sbatch is not on PATH"), result.stderr
+
+
+def test_sbatch_refusing_the_job_is_one_line_naming_the_script(tmp_path):
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "sbatch").write_text("#!/bin/bash\n"  # what sbatch prints where no slurmctld can be found
+                                  "echo 'sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host' >&2\n"
+                                  "echo 'sbatch: fatal: Could not establish a configuration source' >&2\nexit 1\n")
+    (stubs / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+    result = launch("nodes=1", "gpus_per_node=0", "recipe=opo_math", cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    script = tmp_path / "runs" / "opo_math" / "slurm.sbatch"
+    assert result.stderr.splitlines() == [
+        f"rlcore: error: sbatch did not take the job: sbatch: fatal: Could not establish a configuration source "
+        f"(the script is {script}; `sbatch {script}` submits it again)"]
+    assert script.is_file()
