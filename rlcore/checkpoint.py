@@ -223,7 +223,8 @@ def _check_readable(path: Path, name: str, read) -> None:
 
 
 # The optimizer each ZeRO stage runs, whose state the shards hold: ZeRO 1 and 2 share one (a
-# checkpoint of either loads into the other), stage 0 is the plain torch optimizer, 3 its own.
+# checkpoint of either resumes the other, to rounding: tests/integration/test_ray_learner.py), stage 0
+# is the plain torch optimizer, 3 its own.
 OPTIMIZER_OF_STAGE = {0: "torch", 1: "zero", 2: "zero", 3: "zero3"}
 
 

@@ -239,10 +239,14 @@ def dropout_model(tiny_model, tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("zero_stage, model", [(0, "tiny_model"), (3, "tiny_model"), (0, "dropout_model")])
-def test_checkpoint_round_trip(batch, tmp_path, zero_stage, model, request):
+@pytest.mark.parametrize("zero_stage, resumed_stage, model", [
+    (0, 0, "tiny_model"), (3, 3, "tiny_model"), (0, 0, "dropout_model"),
+    (1, 2, "tiny_model"), (2, 1, "tiny_model"),  # ZeRO 1 and 2 share one optimizer (checkpoint.OPTIMIZER_OF_STAGE)
+])
+def test_checkpoint_round_trip(batch, tmp_path, zero_stage, resumed_stage, model, request):
     """Save after one update, load into fresh ranks, and the next update matches an uninterrupted
-    one; with dropout too (each rank's RNG is saved and restored, not re-seeded)."""
+    one; with dropout too (each rank's RNG is saved and restored, not re-seeded); and across
+    ZeRO 1 ↔ 2, which resume accepts."""
     tiny_model = request.getfixturevalue(model)
     algo = ALGO
 
@@ -255,9 +259,12 @@ def test_checkpoint_round_trip(batch, tmp_path, zero_stage, model, request):
     step(straight)
     straight.save(str(tmp_path), tiny_model)
     step(straight)
-    resumed = learners(str(tmp_path / "model"), ranks=2, zero_stage=zero_stage)
+    resumed = learners(str(tmp_path / "model"), ranks=2, zero_stage=resumed_stage)
     resumed.load_optimizer(str(tmp_path))
     step(resumed)
     a, b = ray.get(straight.export_weights()), ray.get(resumed.export_weights())
+    # ZeRO 1 and 2 sum gradients in different orders (rounding, ~4e-9 here); an optimizer state or
+    # LR schedule that did not come back moves weights by ~lr = 1e-3.
+    atol = 0 if resumed_stage == zero_stage else 1e-7
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0)
