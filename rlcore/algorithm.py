@@ -82,6 +82,18 @@ def truncated_is_weights(old_logp: Tensor, rollout_logp: Tensor, cap: float) -> 
     return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
 
 
+def router_shift_ratio(router_logp: Tensor, router_old_logp: Tensor, floor: float) -> Tensor:
+    """RSPO's router-shift ratio per token (SPEC §4), no gradient: [B, R, L, K] → [B, R].
+
+    router_old_logp: the old policy's router log-probs of the K experts it routed each token to,
+    in each of the L MoE layers; router_logp: the current router's log-probs of the same experts.
+    γ = exp(−mean over layers and experts of |log r_new − log r_old|), at least `floor`: 1 when
+    the routing has not moved, smaller the more it has. Stop-gradient: the SPEC notes training
+    collapses without it."""
+    shift = (router_logp - router_old_logp).abs().mean(dim=(-2, -1))
+    return torch.exp(-shift).clamp(min=floor).detach()
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
@@ -114,6 +126,10 @@ class Algorithm:
     kl_coef / kl_estimator: β·KL(π‖π_ref) added to the loss; kl_coef 0 loads no reference model.
     truncated_is / tis_cap: multiply the policy loss per token by min(π_old/π_rollout, tis_cap)
       (truncated_is_weights), correcting the rollout engine/learner mismatch; any algorithm.
+    router_shift / router_shift_floor: MoE models only. Rescale each token's importance ratio by
+      RSPO's router-shift ratio γ (router_shift_ratio, floored at router_shift_floor) before the
+      policy loss clips and aggregates it; any algorithm. The old log-prob pass then records the
+      experts each token was routed to (LearnerRank.logprobs).
 
     `policy_loss()` is the per-token policy-gradient term (PPO-clip here; GSPO overrides it);
     `loss()` adds truncated IS, the KL term and the aggregation around it.
@@ -130,6 +146,8 @@ class Algorithm:
     kl_estimator: str = "k3"
     truncated_is: bool = False
     tis_cap: float = 2.0
+    router_shift: bool = False
+    router_shift_floor: float = 0.1
 
     name: ClassVar[str] = ""
     # Which rollout program produces its trajectories (rlcore.rollout.programs).
@@ -151,10 +169,17 @@ class Algorithm:
             raise ConfigError(f"algorithm.kl_coef={self.kl_coef} must be ≥ 0")
         if self.tis_cap <= 0:
             raise ConfigError(f"algorithm.tis_cap={self.tis_cap} must be > 0")
+        if not 0 < self.router_shift_floor <= 1:
+            raise ConfigError(f"algorithm.router_shift_floor={self.router_shift_floor} must be in (0, 1]")
 
     @property
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
+
+    @property
+    def needs_router(self) -> bool:
+        """Whether the learner records the MoE routing of the old policy (router_shift)."""
+        return self.router_shift
 
     @property
     def baseline_within_groups(self) -> bool:
@@ -188,12 +213,15 @@ class Algorithm:
 
     def loss(self, logp: Tensor, batch, norm: LossNorm) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch["response_mask"]
-        per_token, ratio, clipped = self.policy_loss(logp, batch)
-        metrics = {
-            "clip_frac": masked_mean(clipped.float(), mask),
-            "ratio_max_dev": ((ratio - 1).abs() * mask).max(),
-            "approx_kl_old": masked_mean(kl_estimate(logp, batch["old_logp"], "k3"), mask),
-        }
+        metrics = {"approx_kl_old": masked_mean(kl_estimate(logp, batch["old_logp"], "k3"), mask)}
+        ratio_logp = logp  # the log-prob the importance ratio is taken of
+        if self.router_shift:  # γ·π/π_old = exp(logp + log γ − old_logp): every policy loss sees the rescaled ratio
+            gamma = router_shift_ratio(batch["router_logp"], batch["router_old_logp"], self.router_shift_floor)
+            ratio_logp = logp + gamma.log()
+            metrics["router_shift_gamma"] = masked_mean(gamma, mask)
+            metrics["router_shift_floored_frac"] = masked_mean((gamma <= self.router_shift_floor).float(), mask)
+        per_token, ratio, clipped = self.policy_loss(ratio_logp, batch)
+        metrics |= {"clip_frac": masked_mean(clipped.float(), mask), "ratio_max_dev": ((ratio - 1).abs() * mask).max()}
         if self.truncated_is:
             weights = truncated_is_weights(batch["old_logp"], batch["rollout_logp"], self.tis_cap)
             per_token = per_token * weights

@@ -186,5 +186,5 @@ def micro_batches(batch: TensorDict, sizes: list[int]) -> list[TensorDict]:
 
 
 def pad_response(t: torch.Tensor, width: int) -> torch.Tensor:
-    """A trimmed [b, r] per-token tensor back to the batch's response width R (zeros on the right)."""
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+    """A trimmed [b, r, …] per-token tensor back to the batch's response width R (zeros on the right)."""
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))

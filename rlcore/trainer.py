@@ -24,7 +24,7 @@ from rlcore.data import PromptSampler, load_splits
 from rlcore.learner.group import LearnerGroup
 from rlcore.logging import PeakMemory, RunLogger, StepTimer
 from rlcore.metrics import means_by_label
-from rlcore.models import load_tokenizer, resolve_model_path
+from rlcore.models import check_routers, load_tokenizer, resolve_model_path
 from rlcore.placement import plan_placement
 from rlcore.reward import RewardRunner
 from rlcore.rollout.engine import SamplingParams
@@ -41,6 +41,8 @@ def train(cfg) -> dict:
     model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
     tokenizer = load_tokenizer(model_path)
     check_program(algorithm.program, tokenizer)
+    if algorithm.needs_router:
+        check_routers(model_path, f"algorithm.router_shift=true ({algorithm.name})")
     train_set, eval_set = load_splits(cfg.data, tokenizer)
     sampler = PromptSampler(len(train_set), cfg.trainer.seed)
     state = {"step": 0, "accuracy_before": None}

@@ -34,6 +34,16 @@ def tiny_model(tmp_path_factory) -> str:
     return build_scratch_model(texts, arch, tmp_path_factory.mktemp("tiny_model"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_moe(tiny_model, tmp_path_factory) -> str:
+    """tiny_model upcycled to a Mixtral MoE: 4 experts per layer, 2 per token (same outputs)."""
+    from rlcore.model_zoo import upcycle_to_moe
+
+    out = tmp_path_factory.mktemp("tiny_moe") / "model"
+    upcycle_to_moe(Path(tiny_model), out, num_experts=4, top_k=2, seed=0)
+    return str(out)
+
+
 def compose(command: str, overrides: list[str]):
     """The config `rlcore COMMAND overrides…` would run with (run_dir as given, no Hydra run)."""
     from hydra import compose as hydra_compose

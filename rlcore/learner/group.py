@@ -45,7 +45,7 @@ class LearnerGroup:
         old_from_update = self.old_logprob_pass == "auto" and algorithm.mini_batches == 1 and algorithm.epochs == 1
         if old_from_update and not self.has_reference:
             return {}
-        return _absorb(batch, self._logprobs(batch, old=not old_from_update, reference=True))
+        return _absorb(batch, self._logprobs(batch, old=not old_from_update, reference=True, routers=algorithm.needs_router))
 
     def policy_shift(self, batch) -> dict[str, float]:
         """KL(π_old ‖ π_new) on the batch after the update: how far one step moved the policy
@@ -55,10 +55,10 @@ class LearnerGroup:
         kl = kl_estimate(batch["old_logp"], new_logp, "k3")
         return {"policy_shift": float(masked_mean(kl, batch["response_mask"]))}
 
-    def _logprobs(self, batch, old: bool, reference: bool) -> list[dict]:
+    def _logprobs(self, batch, old: bool, reference: bool, routers: bool = False) -> list[dict]:
         shards = split_even(batch, len(self.ranks))
         plans = plan_micro_batches(shards, self.micro_rows, self.micro_tokens)
-        return ray.get([r.logprobs.remote(s, p, old, reference) for r, s, p in zip(self.ranks, shards, plans)])
+        return ray.get([r.logprobs.remote(s, p, old, reference, routers) for r, s, p in zip(self.ranks, shards, plans)])
 
     def update(self, batch, algorithm) -> dict[str, float]:
         per_rank = [[] for _ in self.ranks]

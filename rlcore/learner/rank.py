@@ -36,7 +36,7 @@ from rlcore.algorithm import LossNorm
 from rlcore.batch import micro_batches, pad_response
 from rlcore.checkpoint import rng_state, set_rng_state
 from rlcore.learner import deepspeed_ops
-from rlcore.models import load_model, resolve_model_path, response_logprobs
+from rlcore.models import load_model, resolve_model_path, response_logprobs, response_logprobs_with_routers
 
 
 def lr_lambda(cfg, total_steps: int):
@@ -129,6 +129,7 @@ class LearnerRank:
         torch.manual_seed(seed)
         self.cfg, self.temperature, self.zero_stage = cfg, temperature, cfg.zero_stage
         model = load_model(model_path, dtype)
+        self.router_top_k = getattr(model.config, "num_experts_per_tok", 0)  # experts per token of an MoE model
         if cfg.gradient_checkpointing:
             # Non-reentrant: recomputes under ZeRO-3's parameter gathering hooks, and works
             # when the inputs need no grad (token ids).
@@ -170,20 +171,24 @@ class LearnerRank:
     # ---- the three things the trainer asks of a learner ------------------------------------
 
     @torch.no_grad()
-    def logprobs(self, shard, sizes: list[int], old: bool, reference: bool = True) -> dict:
+    def logprobs(self, shard, sizes: list[int], old: bool, reference: bool = True, routers: bool = False) -> dict:
         """The current policy's log-probs ("old_logp", when `old`) and the reference's (when
         `reference` and there is one) of a shard in micro-batches of `sizes` rows, with the
         policy's entropy alongside its log-probs. All [B, R] on CPU, zero past each
-        micro-batch's own response width."""
+        micro-batch's own response width. With `routers` (and `old`), the MoE routing too
+        (record_routing)."""
         self.engine.eval()
         R = shard["response_ids"].shape[1]
         parts = defaultdict(list)
         for mb in micro_batches(shard, sizes):
             mb = mb.to(self.device)
             if old:
-                logp, entropy = response_logprobs(self.engine, mb, self.temperature)
+                logp, entropy, router_logp = self._policy_logprobs(mb, routers)
                 parts["old_logp"].append(logp)
                 parts["entropy"].append(entropy)
+                if router_logp is not None:
+                    for key, value in self.record_routing(router_logp).items():
+                        parts[key].append(value)
             if reference and self.reference is not None:
                 parts["ref_logp"].append(response_logprobs(self.reference, mb, self.temperature)[0])
         return {k: torch.cat([pad_response(t, R) for t in v]).cpu() for k, v in parts.items()}
@@ -214,7 +219,11 @@ class LearnerRank:
                     # Set before the forward: ZeRO reads it in its hooks (reduce now or accumulate).
                     self.engine.set_gradient_accumulation_boundary(i == len(sizes) - 1)
                     mb = mb.to(self.device)
-                    logp, entropy = response_logprobs(self.engine, mb, self.temperature)
+                    logp, entropy, router_logp = self._policy_logprobs(mb, algorithm.needs_router)
+                    if router_logp is not None:
+                        if from_update:  # the weights have not moved: the routing now is the old routing
+                            mb.update(self.record_routing(router_logp))
+                        mb["router_logp"] = router_logp.gather(-1, mb["router_experts"])
                     if from_update:
                         mb["old_logp"] = logp.detach()
                         seen["old_logp"].append(pad_response(logp.detach(), R).cpu())
@@ -235,6 +244,20 @@ class LearnerRank:
         out = {k: v / weights[k] for k, v in sums.items()} | peaks | {k: v / steps for k, v in losses.items()}
         out.update(grad_norm=sum(grad_norms) / steps, lr=self.scheduler.get_last_lr()[0])
         return out, {k: torch.cat(v) for k, v in seen.items()}
+
+    def _policy_logprobs(self, mb, routers: bool):
+        """(log-probs, entropy, router log-probs or None) of the policy on a micro-batch."""
+        if routers:
+            return response_logprobs_with_routers(self.engine, mb, self.temperature)
+        return *response_logprobs(self.engine, mb, self.temperature), None
+
+    def record_routing(self, router_logp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The old policy's routing for RSPO's router-shift ratio: per response token and MoE
+        layer, the top-k experts it routes to ("router_experts", [b, r, L, k]) and their router
+        log-probs ("router_old_logp"). The update gathers the new router's log-probs of the same
+        experts (rlcore.algorithm.router_shift_ratio)."""
+        top = router_logp.topk(self.router_top_k, dim=-1)
+        return {"router_experts": top.indices, "router_old_logp": top.values}
 
     def _step_with_grad_norm(self) -> float:
         """Optimizer step; the gradient norm before clipping. ZeRO 1–3 record it; stage 0 does

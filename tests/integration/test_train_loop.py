@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import FAST, compose
+from rlcore.config import ConfigError
 from rlcore.logging import read_metrics
 from rlcore.trainer import train
 
@@ -56,3 +57,24 @@ def test_reinforce_pp_kl_in_the_reward_through_the_loop(tiny_model, tmp_path):
                          "reward.fns=[user_rewards:varies_with_text]")
     assert all(r["grad_norm"] > 0 for r in steps)
     assert "kl_ref" not in steps[0]  # the KL is in the reward, not the loss
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_rspo_on_an_moe_model_through_the_loop(tiny_moe, tmp_path, zero_stage):
+    """rspo_math on 2 ranks: the old pass records each token's routing, and the optimizer step
+    after the first sees the router moved (γ < 1). One optimizer step per batch with the old
+    log-probs taken from the update's own forward (old_logprob_pass=auto): γ is exactly 1."""
+    _, steps = two_steps("rspo_math", tiny_moe, tmp_path / "off", "learner.num_ranks=2", f"learner.zero_stage={zero_stage}",
+                         "learner.micro_batch_size=4", "algorithm.mini_batches=2", "learner.lr=1e-3",
+                         "reward.fns=[user_rewards:varies_with_text]")
+    for r in steps:
+        assert 0.1 < r["router_shift_gamma"] < 1 - 1e-4 and r["grad_norm"] > 0
+        assert r["rollout/logp_mismatch_max"] < 1e-4  # the synced rollout engine runs the MoE model too
+    _, steps = two_steps("rspo_math", tiny_moe, tmp_path / "on", "algorithm.mini_batches=1", "learner.old_logprob_pass=auto",
+                         "reward.fns=[user_rewards:varies_with_text]")
+    assert [r["router_shift_gamma"] for r in steps] == [1.0, 1.0]
+
+
+def test_router_shift_on_a_dense_model_is_one_line(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match=r"^algorithm.router_shift=true \(grpo\): needs a mixture-of-experts model"):
+        two_steps("grpo_math", tiny_model, tmp_path, "++algorithm.router_shift=true", "reward.fns=[user_rewards:varies_with_text]")
