@@ -223,7 +223,7 @@ class LearnerRank:
                     if router_logp is not None:
                         if from_update:  # the weights have not moved: the routing now is the old routing
                             mb.update(self.record_routing(router_logp))
-                        mb["router_logp"] = router_logp.gather(-1, mb["router_experts"])
+                        mb["router_logp"] = router_logp.gather(-1, mb["router_experts"].long())
                     if from_update:
                         mb["old_logp"] = logp.detach()
                         seen["old_logp"].append(pad_response(logp.detach(), R).cpu())
@@ -257,7 +257,8 @@ class LearnerRank:
         log-probs ("router_old_logp"). The update gathers the new router's log-probs of the same
         experts (rlcore.algorithm.router_shift_ratio)."""
         top = router_logp.topk(self.router_top_k, dim=-1)
-        return {"router_experts": top.indices, "router_old_logp": top.values}
+        # int16: the records travel with the batch, layers × k of them per token
+        return {"router_experts": top.indices.to(torch.int16), "router_old_logp": top.values}
 
     def _step_with_grad_norm(self) -> float:
         """Optimizer step; the gradient norm before clipping. ZeRO 1–3 record it; stage 0 does

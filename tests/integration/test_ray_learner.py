@@ -304,7 +304,7 @@ def test_the_old_pass_records_each_response_tokens_top_experts(tiny_moe):
         top = response_logprobs_with_routers(load_model(tiny_moe).eval(), batch, 1.0)[2].topk(2, dim=-1)
     mask = batch["response_mask"].bool()
     assert b["router_experts"].shape == top.indices.shape == (*mask.shape, 2, 2)
-    assert torch.equal(b["router_experts"][mask], top.indices[mask])
+    assert b["router_experts"].dtype == torch.int16 and torch.equal(b["router_experts"][mask].long(), top.indices[mask])
     torch.testing.assert_close(b["router_old_logp"][mask], top.values[mask], atol=1e-5, rtol=0)
     # rows 2–3 are rank 0's second micro-batch, 3 response tokens wide: padded back to the batch's 9
     assert (b["router_old_logp"][2:4, 3:] == 0).all() and (b["router_experts"][2:4, 3:] == 0).all()
