@@ -10,8 +10,8 @@ From each run: held-out greedy accuracy before/after and its curve, mean clip fr
 importance-ratio deviation, mean and lowest router-shift γ (runs 1–2), the share of tokens
 at the γ floor, and wall time. `ratio` = RSPO's held-out accuracy after / GRPO's.
 
-    .venv/bin/python bench/rspo_moe.py                 # ~40 min on 2 quiet CPU cores
-    .venv/bin/python bench/rspo_moe.py learner.lr=3e-4 --name rspo_moe_lr3e-4   # a harsher off-policy setting
+    .venv/bin/python bench/rspo_moe.py                 # ~35 min on 2 quiet CPU cores
+    .venv/bin/python bench/rspo_moe.py --name rspo_moe_lr5e-5 learner.lr=5e-5   # a harsher off-policy setting
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import argparse
 import json
 import time
 
-from common import ROOT, held_out_curve, machine, run_rlcore, write_result
+from common import ROOT, held_out_curve, machine, run_rlcore, train_config, write_result
 
 from rlcore.logging import read_metrics
 
@@ -74,6 +74,7 @@ def main() -> None:
         "bench": "rspo_moe",
         "machine": machine(),
         "runs": {suffix: "rlcore " + " ".join(command) for suffix, command in commands.items()},
+        "learner_lr": train_config(["recipe=rspo_math", *args.overrides]).learner.lr,
         **results,
         "ratio": results["rspo"]["accuracy_after"] / max(results["grpo"]["accuracy_after"], 1e-9),
         "wall_time_s": round(time.time() - started, 1),
