@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from omegaconf import OmegaConf
@@ -44,6 +45,7 @@ class CompletionNLL:
     """The SFT 'algorithm': mean negative log-likelihood of the completion tokens."""
 
     epochs: int = 1
+    needs_router: ClassVar[bool] = False  # no MoE routing records (LearnerRank.update)
 
     def loss(self, logp, batch, norm: LossNorm):
         loss = aggregate(-logp, batch["response_mask"], "token-mean", norm)
