@@ -155,10 +155,7 @@ def upcycle_to_moe(dense: Path, out: Path, num_experts: int, top_k: int, seed: i
     config = MixtralConfig(**{key: getattr(llama, key) for key in shared}, num_local_experts=num_experts,
                            num_experts_per_tok=top_k)
     weights = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).state_dict()
-    moe = {}
-    for name, tensor in weights.items():
-        if ".mlp." not in name:
-            moe[name] = tensor
+    moe = {name: tensor for name, tensor in weights.items() if ".mlp." not in name}
     generator = torch.Generator().manual_seed(seed)
     for i in range(config.num_hidden_layers):
         mlp = f"model.layers.{i}.mlp"
@@ -179,6 +176,6 @@ def upcycle_to_moe(dense: Path, out: Path, num_experts: int, top_k: int, seed: i
 def arith_moe(out: Path, work: Path) -> None:
     """The embedded arith-3m, upcycled to 8 experts per layer, 2 per token (upcycle_to_moe): the
     MoE model RSPO's recipe trains. Starts with exactly arith-3m's outputs."""
-    from importlib import resources
+    from rlcore.models import resolve_model_path  # models imports this module
 
-    upcycle_to_moe(Path(str(resources.files("rlcore") / "assets" / "arith-3m")), out, num_experts=8, top_k=2, seed=0)
+    upcycle_to_moe(Path(resolve_model_path("embedded:arith-3m")), out, num_experts=8, top_k=2, seed=0)
