@@ -9,6 +9,12 @@ Layout of a Batch (a `tensordict.TensorDict` with batch size [B]):
     rollout_logp    [B, R]    log-probs the rollout engine reported
     rewards, group_ids, response_lengths  [B]
     modes           [B]       hybrid thinking's forced mode: 1 think, 0 no-think, -1 none (rlcore.hybrid)
+    unit_ids        [B]       the trajectory (RL unit) a row belongs to: its index in the list given to
+                              build_batch; -1 for a padding row (see build_batch)
+
+A trajectory with `workers` (AsyncThink's organizer, rlcore.asyncthink) becomes several rows:
+its own, then one per worker, all with its reward and group id and its unit id, so that
+they share one advantage (algorithms/asyncthink.py).
 
 Every per-token tensor an algorithm sees is [B, R] over the response, so the
 response always starts at column P of input_ids. Later stages add
@@ -17,6 +23,7 @@ old_logp / ref_logp / advantages, all [B, R].
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -34,27 +41,48 @@ class Trajectory:
     text: str
     finish_reason: str  # "stop" (EOS) or "length"
     group_id: int = 0
-    # Tokens the loss may touch; None = all response tokens (AsyncThink refines it).
+    # Tokens the loss may touch; None = all response tokens (AsyncThink masks pasted worker text).
     loss_mask: list[int] | None = None
     # The mode the `hybrid` rollout program forced (its tag is response token 0): 1 think, 0 no-think; -1 none.
     mode: int = -1
     reward: float = 0.0
     reward_parts: dict[str, float] = field(default_factory=dict)
     accuracy: float = 0.0
+    # What the rollout program recorded about the response, for rewards and metrics (the
+    # fork_join program: rlcore.asyncthink.ForkJoinTrace.record).
+    trace: dict = field(default_factory=dict)
+    # AsyncThink's workers: trajectories of the same RL unit, trained with this one's reward.
+    workers: list[Trajectory] = field(default_factory=list)
 
     def sample(self) -> Sample:
-        return Sample(self.prompt.text, self.text, self.prompt.ground_truth, self.prompt.metadata, num_tokens=len(self.response_ids))
+        return Sample(self.prompt.text, self.text, self.prompt.ground_truth, self.prompt.metadata,
+                      num_tokens=len(self.response_ids), trace=self.trace)
 
 
-def build_batch(trajectories: list[Trajectory], pad_id: int) -> TensorDict:
-    B = len(trajectories)
-    P = max(len(t.prompt.token_ids) for t in trajectories)
-    R = max(max(len(t.response_ids) for t in trajectories), 1)
+def batch_rows(trajectories: list[Trajectory]) -> list[tuple[int, Trajectory]]:
+    """(unit id, row) for each row: each trajectory, followed by its workers."""
+    return [(u, row) for u, t in enumerate(trajectories) for row in (t, *t.workers)]
+
+
+def build_batch(trajectories: list[Trajectory], pad_id: int, rows_multiple: int = 1) -> TensorDict:
+    """The padded batch of the trajectories' rows (batch_rows). With workers the row count varies;
+    `rows_multiple` (learner ranks × mini-batches) then adds padding rows up to a multiple of it:
+    copies of the last row with no loss tokens, unit id −1 (a copy, not an empty row, so that
+    every forward sees at least one real token). An algorithm that compares rows within groups
+    skips them, as AsyncThink's does."""
+    rows = batch_rows(trajectories)
+    units = [u for u, _ in rows] + [-1] * (-len(rows) % rows_multiple)
+    rows = [t for _, t in rows]
+    rows += [dataclasses.replace(rows[-1], loss_mask=[0] * len(rows[-1].response_ids))] * (len(units) - len(rows))
+    owner = [trajectories[u] for u in units]  # whose reward and group a row has (padding: the last unit's)
+    B = len(rows)
+    P = max(len(t.prompt.token_ids) for t in rows)
+    R = max(max(len(t.response_ids) for t in rows), 1)
     input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, P + R, dtype=torch.long)
     response_mask = torch.zeros(B, R)
     rollout_logp = torch.zeros(B, R)
-    for i, t in enumerate(trajectories):
+    for i, t in enumerate(rows):
         p, r = len(t.prompt.token_ids), len(t.response_ids)
         input_ids[i, P - p : P] = torch.tensor(t.prompt.token_ids)
         input_ids[i, P : P + r] = torch.tensor(t.response_ids, dtype=torch.long)
@@ -68,10 +96,11 @@ def build_batch(trajectories: list[Trajectory], pad_id: int) -> TensorDict:
             "response_ids": input_ids[:, P:],
             "response_mask": response_mask,
             "rollout_logp": rollout_logp,
-            "rewards": torch.tensor([t.reward for t in trajectories], dtype=torch.float),
-            "group_ids": torch.tensor([t.group_id for t in trajectories], dtype=torch.long),
-            "response_lengths": torch.tensor([len(t.response_ids) for t in trajectories], dtype=torch.float),
-            "modes": torch.tensor([t.mode for t in trajectories], dtype=torch.long),
+            "rewards": torch.tensor([t.reward for t in owner], dtype=torch.float),
+            "group_ids": torch.tensor([t.group_id for t in owner], dtype=torch.long),
+            "response_lengths": torch.tensor([len(t.response_ids) for t in rows], dtype=torch.float),
+            "modes": torch.tensor([t.mode for t in rows], dtype=torch.long),
+            "unit_ids": torch.tensor(units, dtype=torch.long),
         },
         batch_size=[B],
     )

@@ -67,6 +67,9 @@ class DataConfig:
     max_prompt_tokens: int = 256
     # What to do with a bad row (missing field, prompt too long): `error` or `skip` (counted).
     on_invalid: str = "error"
+    # A metadata field whose value splits the held-out metrics: eval/accuracy/<field>_<value>
+    # (e.g. num_terms for reasoning-gym's arithmetic). None: no split (RPT sets its own buckets).
+    bucket_by: Optional[str] = None
     target_length: TargetLengthConfig = field(default_factory=TargetLengthConfig)
 
 
@@ -124,6 +127,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     eval_max_new_tokens: int = 64
+    # The rollout program of held-out evaluation (rlcore.rollout.programs): `single` (one free
+    # response), or e.g. `fork_join` for AsyncThink models.
+    eval_program: str = "single"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
 
@@ -379,6 +385,9 @@ def validate_common(cfg) -> None:
     check_positive("data.eval_size", cfg.data.eval_size)
     check_positive("rollout.num_workers", cfg.rollout.num_workers)
     check_positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    from rlcore.rollout.programs import PROGRAMS
+
+    check_choice("rollout.eval_program", cfg.rollout.eval_program, sorted(PROGRAMS))
     check_positive("rollout.temperature", cfg.rollout.temperature, zero_ok=True)
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
@@ -536,3 +545,6 @@ def validate_train(cfg, algorithm) -> None:
         )
     if cfg.reward.accuracy and cfg.reward.accuracy not in cfg.reward.fns:
         raise ConfigError(f"reward.accuracy={cfg.reward.accuracy!r} is not one of reward.fns={list(cfg.reward.fns)}")
+    if "asyncthink" in cfg.reward.fns and algorithm.program != "fork_join":
+        raise ConfigError(f"reward.fns: asyncthink scores the fork_join program's organizer traces, and algorithm={algorithm.name} "
+                          "runs the program " + repr(algorithm.program) + "; use algorithm=asyncthink (recipe=asyncthink_math)")

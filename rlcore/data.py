@@ -93,6 +93,11 @@ def build_prompts(rows: list[dict], source: str, cfg, tokenizer, seed: int) -> t
         for key in (cfg.prompt_field, cfg.answer_field):
             if row.get(key) in (None, ""):
                 problem = f"row {i}: field {key!r} is missing or empty (fields: {', '.join(row)}); set data.prompt_field / data.answer_field"
+        if problem is None and cfg.bucket_by:
+            if cfg.bucket_by not in metadata:
+                problem = f"row {i}: metadata has no field {cfg.bucket_by!r} (fields: {', '.join(metadata)}); set data.bucket_by to one of them"
+            else:
+                metadata["bucket"] = f"{cfg.bucket_by}_{metadata[cfg.bucket_by]}"
         if problem is None:
             message = str(row[cfg.prompt_field])
             if cfg.target_length.choices:

@@ -13,6 +13,7 @@ from rlcore.hybrid import mode_tag_ids
 from rlcore.hybrid_eval import hybrid_evaluate
 from rlcore.models import load_tokenizer, resolve_model_path
 from rlcore.reward import RewardRunner
+from rlcore.rollout.programs import check_program
 from rlcore.trainer import greedy_metrics, greedy_responses, start_actors
 
 
@@ -21,6 +22,7 @@ def eval_command(cfg) -> dict:
     validate_hybrid_eval(cfg)
     model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
     tokenizer = load_tokenizer(model_path)
+    check_program(cfg.rollout.eval_program, tokenizer)
     tag_ids = mode_tag_ids(tokenizer) if cfg.hybrid.enabled else None
     _, eval_set = load_splits(cfg.data, tokenizer)
     with RewardRunner(cfg.reward) as rewards, ray_session(cfg.cluster):
@@ -36,7 +38,7 @@ def held_out_metrics(rollout, rewards, prompts, cfg, tag_ids: dict[int, int] | N
     rlcore.hybrid_eval's metrics. The free greedy pass is generated once: with hybrid.mode=free the
     hybrid metrics are computed from the same responses.
 
-    eval/accuracy always describes the free greedy pass (program `single`), whatever hybrid.mode
+    eval/accuracy always describes the free greedy pass (rollout.eval_program, `single` by default), whatever hybrid.mode
     is: it stays comparable with training's eval/accuracy_before/after and across modes. With
     hybrid.mode=think or no_think the forced greedy pass is a second, different pass, reported
     only under eval/hybrid/* (the README's HGPO table takes its forced-think accuracy and length

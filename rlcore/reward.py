@@ -50,6 +50,8 @@ BUILTIN = {
     "kimi_length": "rlcore.rewards.length:kimi_length",
     "soft_overlong": "rlcore.rewards.length:soft_overlong",
     "l1_length": "rlcore.rewards.length:l1_length",
+    "asyncthink": "rlcore.rewards.asyncthink:asyncthink",
+    "asyncthink_correct": "rlcore.rewards.asyncthink:organizer_correct",
 }
 # What a reward fn must look like, by whether it is a group reward.
 SIGNATURE = {False: "(sample: Sample, **options) -> float | dict",
@@ -68,6 +70,8 @@ class Sample:
     metadata: dict[str, Any] = field(default_factory=dict)
     num_tokens: int = 0  # response length in tokens
     correct: float | None = None  # the accuracy fn's score; set before group fns run
+    # What the rollout program recorded (Trajectory.trace): AsyncThink's fork/join trace.
+    trace: dict[str, Any] = field(default_factory=dict)
 
 
 def group_reward(fn: Callable) -> Callable:

@@ -29,6 +29,7 @@ from rlcore.data import Prompt, PromptSampler, load_splits, reasoning_gym_rows
 from rlcore.logging import PeakMemory, RunLogger, StepTimer
 from rlcore.models import load_model, load_tokenizer, resolve_model_path
 from rlcore.reward import RewardRunner
+from rlcore.rollout.programs import check_program
 from rlcore.trainer import evaluate, start_actors
 
 SPECIAL_TOKENS = ["<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -106,6 +107,7 @@ def sft(cfg) -> dict:
     completion_of = import_function(cfg.sft.completion_fn, "sft.completion_fn")
     model_path = starting_model(cfg, completion_of, run_dir)
     tokenizer = load_tokenizer(model_path)
+    check_program(cfg.rollout.eval_program, tokenizer)
     train_set, eval_set = load_splits(cfg.data, tokenizer)
     sampler = PromptSampler(len(train_set), cfg.seed)
     state = {"step": 0}

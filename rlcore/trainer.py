@@ -41,6 +41,7 @@ def train(cfg) -> dict:
     model_path = resolve_model_path(cfg.model.path)  # zoo models are built here, once, not in each actor
     tokenizer = load_tokenizer(model_path)
     check_program(algorithm.program, tokenizer)
+    check_program(cfg.rollout.eval_program, tokenizer)
     if algorithm.needs_router:
         check_routers(model_path, f"algorithm.router_shift=true ({algorithm.name})")
     train_set, eval_set = load_splits(cfg.data, tokenizer)
@@ -80,7 +81,7 @@ def train(cfg) -> dict:
 
                 trajectories, filled = refill_groups(trajectories, sample_more, cfg.trainer.prompts_per_step, algorithm.sampling_rounds)
                 metrics |= filled
-            batch = build_batch(trajectories, tokenizer.pad_token_id)
+            batch = build_batch(trajectories, tokenizer.pad_token_id, cfg.learner.num_ranks * algorithm.mini_batches)
             with rollout.asleep():
                 with timer("old_logprob"):
                     metrics |= learner.compute_logprobs(batch, algorithm)
@@ -160,42 +161,59 @@ def evaluate(rollout, rewards, prompts, rollout_cfg) -> dict:
     return greedy_metrics(greedy_responses(rollout, rewards, prompts, rollout_cfg))
 
 
-def greedy_responses(rollout, rewards, prompts, rollout_cfg, program: str = "single") -> list[Trajectory]:
-    """One greedy response per prompt from `program`, scored (the accuracy gate left alone), in prompt order."""
+def greedy_responses(rollout, rewards, prompts, rollout_cfg, program: str | None = None) -> list[Trajectory]:
+    """One greedy response per prompt from `program` (default: rollout.eval_program), scored (the
+    accuracy gate left alone), in prompt order."""
     greedy = SamplingParams(n=1, max_new_tokens=rollout_cfg.eval_max_new_tokens, temperature=0.0)
-    responses = rollout.generate(prompts, program, greedy)
+    responses = rollout.generate(prompts, program or rollout_cfg.eval_program, greedy)
     rewards.score(responses, train=False)
     return sorted(responses, key=lambda t: t.group_id)
 
 
 def greedy_metrics(responses: list[Trajectory]) -> dict:
     """eval/accuracy, eval/accuracy/<bucket> for prompts whose metadata names a bucket (RPT's
-    entropy buckets, rlcore.rpt) and length_metrics("eval", …)."""
+    entropy buckets, rlcore.rpt; data.bucket_by), length_metrics("eval", …) and trace_metrics("eval", …)."""
     buckets = [t.prompt.metadata.get("bucket") for t in responses]
     accuracy = means_by_label("eval/accuracy", [t.accuracy for t in responses], buckets)
-    return accuracy | length_metrics("eval", responses)
+    return accuracy | length_metrics("eval", responses) | trace_metrics("eval", responses)
 
 
 def length_metrics(prefix: str, trajectories: list[Trajectory]) -> dict:
-    """<prefix>/length_mean; with stated target lengths (L1, data.target_length) also
-    <prefix>/length_mean/target_<n> and <prefix>/target_error = mean |length − target|."""
+    """<prefix>/length_mean and <prefix>/truncated_frac (the share cut at the token limit); with
+    stated target lengths (L1, data.target_length) also <prefix>/length_mean/target_<n> and
+    <prefix>/target_error = mean |length − target|."""
     lengths = [len(t.response_ids) for t in trajectories]
+    truncated = {f"{prefix}/truncated_frac": mean(t.finish_reason == "length" for t in trajectories)}
     targets = [t.prompt.metadata.get("target_length") for t in trajectories]
     if any(target is None for target in targets):
-        return {f"{prefix}/length_mean": mean(lengths)}
+        return {f"{prefix}/length_mean": mean(lengths)} | truncated
     by_target = means_by_label(f"{prefix}/length_mean", lengths, [f"target_{n}" for n in targets])
-    return by_target | {f"{prefix}/target_error": mean(abs(n - target) for n, target in zip(lengths, targets))}
+    return by_target | truncated | {f"{prefix}/target_error": mean(abs(n - target) for n, target in zip(lengths, targets))}
+
+
+def trace_metrics(prefix: str, trajectories: list[Trajectory]) -> dict:
+    """<prefix>/<key>: the mean of each number the rollout program recorded in Trajectory.trace
+    (fork_join: critical_path, total_steps, concurrency, workers, max_pool; also per bucket, as
+    accuracy), and <prefix>/format_error_frac."""
+    buckets = [t.prompt.metadata.get("bucket") for t in trajectories]
+    metrics = {}
+    for key, value in trajectories[0].trace.items():
+        if key == "format_error":
+            metrics[f"{prefix}/format_error_frac"] = mean(bool(t.trace[key]) for t in trajectories)
+        elif isinstance(value, float):
+            metrics |= means_by_label(f"{prefix}/{key}", [t.trace[key] for t in trajectories], buckets)
+    return metrics
 
 
 def response_metrics(batch, trajectories) -> dict:
-    """The training batch's lengths (per stated target too: sampled, where eval/ is greedy), the
-    share cut at max_new_tokens, and how far the engine's log-probs are from the learner's."""
+    """The training batch's lengths and share cut at max_new_tokens (length_metrics: per stated
+    target too, sampled, where eval/ is greedy), trace_metrics, and how far the engine's
+    log-probs are from the learner's."""
     mask = batch["response_mask"]
     diff = batch["old_logp"] - batch["rollout_logp"]  # learner − engine, same weights, same tokens
     mismatch = diff.abs() * mask
-    return length_metrics("response", trajectories) | {
+    return length_metrics("response", trajectories) | trace_metrics("response", trajectories) | {
         "response/length_max": float(batch["response_lengths"].max()),
-        "response/truncated_frac": sum(t.finish_reason == "length" for t in trajectories) / len(trajectories),
         "rollout/logp_mismatch_mean": float(mismatch.sum() / mask.sum().clamp(min=1)),
         "rollout/logp_mismatch_max": float(mismatch.max()),
         # KL(engine ‖ learner) on the engine's own samples (k3 estimator): ~0 when the weight

@@ -63,7 +63,9 @@ class LearnerGroup:
     def update(self, batch, algorithm) -> dict[str, float]:
         per_rank = [[] for _ in self.ranks]
         for mini in split_even(batch, self.mini_batches):
-            norm = LossNorm(tokens=float(mini["response_mask"].sum().clamp(min=1)), seqs=float(mini.batch_size[0]))
+            # seqs: rows with loss tokens (build_batch's padding rows have none)
+            mask = mini["response_mask"]
+            norm = LossNorm(tokens=float(mask.sum().clamp(min=1)), seqs=float((mask.sum(-1) > 0).sum().clamp(min=1)))
             shards = split_even(mini, len(self.ranks))
             plans = plan_micro_batches(shards, self.micro_rows, self.micro_tokens)
             for rank_list, shard, plan in zip(per_rank, shards, plans):

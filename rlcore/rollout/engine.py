@@ -13,6 +13,9 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     seed: int = 0
+    # Tokens that end a completion besides EOS, kept as its last token (finish_reason "stop");
+    # the fork_join program stops the organizer at its tags this way.
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass

@@ -35,11 +35,12 @@ class HFRolloutEngine(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Completion]]:
         torch.manual_seed(sampling.seed)
+        stops = self.eos_ids | set(sampling.stop_token_ids)
         if self.sparse is not None:
-            return self._generate_sparse(prompts, sampling)
-        return decode.generate(self.model, prompts, sampling, self.eos_ids, self.tokenizer.pad_token_id)
+            return self._generate_sparse(prompts, sampling, stops)
+        return decode.generate(self.model, prompts, sampling, stops, self.tokenizer.pad_token_id)
 
-    def _generate_sparse(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Completion]]:
+    def _generate_sparse(self, prompts: list[list[int]], sampling: SamplingParams, stops: set[int]) -> list[list[Completion]]:
         """One batch per prompt length: sparse decoding takes no padding."""
         from rlcore.sparse.generate import sparse_generate
 
@@ -48,7 +49,7 @@ class HFRolloutEngine(RolloutEngine):
             by_length.setdefault(len(p), []).append(i)
         out: list[list[Completion]] = [[] for _ in prompts]
         for idx in by_length.values():
-            groups = sparse_generate(self.model, [prompts[i] for i in idx], sampling, self.eos_ids, self.sparse, self.rectify_every)
+            groups = sparse_generate(self.model, [prompts[i] for i in idx], sampling, stops, self.sparse, self.rectify_every)
             for i, group in zip(idx, groups):
                 out[i] = group
         return out

@@ -129,6 +129,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 top_p=1.0 if greedy else sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
                 logprobs=0,
+                stop_token_ids=list(sampling.stop_token_ids),  # kept in token_ids, as EOS is
                 seed=sampling.seed * 100_003 + i,
                 detokenize=False,
             )

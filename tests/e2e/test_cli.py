@@ -291,6 +291,22 @@ def test_sft_from_scratch_trains_and_saves_a_loadable_model(tmp_path):
     assert model.config.hidden_size == 32 and "</think>" in tokenizer.get_vocab()
 
 
+def test_sft_asyncthink_cold_start_adds_the_tags_and_evaluates_with_workers(tiny_model, tmp_path):
+    """`rlcore sft recipe=sft_asyncthink`: the fork/join tags become tokens of the saved model, and
+    held-out evaluation runs the fork_join program (rollout.eval_program), whose metrics it logs.
+    (A tiny model 2 steps in writes no well-formed fork; tests/integration/test_train_loop.py trains one that does.)"""
+    run_dir = tmp_path / "sft"
+    result = rlcore("sft", "recipe=sft_asyncthink", f"model.path={tiny_model}", f"run_dir={run_dir}", "sft.steps=2",
+                    "sft.eval_every=2", *SFT_FAST, "rollout.eval_max_new_tokens=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {"eval/critical_path", "eval/workers", "eval/format_error_frac", "eval/accuracy/num_terms_2"} <= last.keys()
+    from rlcore.asyncthink import fork_join_tags
+    from rlcore.models import load_tokenizer
+
+    fork_join_tags(load_tokenizer(str(run_dir / "final")))  # raises if a tag is not one token
+
+
 def test_sft_kill_and_resume_gives_the_same_weights(tiny_model, tmp_path):
     """As test_kill_or_stop_signal_then_resume_gives_the_same_weights (SIGKILL), for `rlcore sft` on the tiny model: bit for
     bit again (same reasons; SFT samples nothing). A linear LR decay and Adam make the schedule

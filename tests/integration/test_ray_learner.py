@@ -1,5 +1,6 @@
 """Ray + DeepSpeed learners + rollout worker: world sizes agree, weight sync is real, ZeRO-3 exports full weights."""
 
+import dataclasses
 import math
 import shutil
 
@@ -179,6 +180,21 @@ def test_vllm_greedy_equals_hf_greedy(tiny_model, rollout, vllm_rollout):
     hf = [t.response_ids for t in rollout.generate(prompts, "single", greedy)]
     vllm = [t.response_ids for t in vllm_rollout.generate(prompts, "single", greedy)]
     assert hf == vllm
+
+
+def test_vllm_and_hf_stop_at_stop_tokens(tiny_model, rollout, vllm_rollout):
+    """SamplingParams.stop_token_ids (the fork_join program's tags): both backends end a
+    completion at the first one, keep it as the last token and report "stop"."""
+    prompts = prompts_for(tiny_model, 4)
+    greedy = SamplingParams(n=1, max_new_tokens=12, temperature=0.0)
+    free = [t.response_ids for t in rollout.generate(prompts, "single", greedy)]
+    stop = free[0][3]
+    expected = [r[: r.index(stop) + 1] if stop in r else r for r in free]
+    stopped = dataclasses.replace(greedy, stop_token_ids=(stop,))
+    for backend in (rollout, vllm_rollout):
+        out = backend.generate(prompts, "single", stopped)
+        assert [t.response_ids for t in out] == expected
+        assert all(t.finish_reason == "stop" for t, r in zip(out, free) if stop in r)
 
 
 def test_vllm_same_seed_same_samples(tiny_model, vllm_rollout):

@@ -66,6 +66,15 @@ def test_too_long_prompt_names_the_target_length_instruction(tmp_path, tokenizer
         load_splits(data_cfg(path=path, max_prompt_tokens=fits, target_length=target), tokenizer)
 
 
+def test_bucket_by_labels_prompts_from_their_metadata(tmp_path, tokenizer):
+    """data.bucket_by: held-out metrics split by a metadata field (rlcore.trainer.greedy_metrics)."""
+    rows = [{"question": "1+1", "answer": "2", "metadata": {"num_terms": 2}}, {"question": "1+1+1", "answer": "3", "metadata": {"num_terms": 3}}]
+    train, held_out = load_splits(data_cfg(path=write_jsonl(tmp_path / "d.jsonl", rows), bucket_by="num_terms"), tokenizer)
+    assert (train[0].metadata["bucket"], held_out[0].metadata["bucket"]) == ("num_terms_2", "num_terms_3")
+    with pytest.raises(ConfigError, match=r"row 0: metadata has no field 'digits' \(fields: num_terms\); set data.bucket_by"):
+        load_splits(data_cfg(path=write_jsonl(tmp_path / "d.jsonl", rows), bucket_by="digits"), tokenizer)
+
+
 def test_empty_dataset(tmp_path, tokenizer):
     path = tmp_path / "empty.jsonl"
     path.write_text("")

@@ -238,7 +238,7 @@ class FakeRewards:
 
 def eval_cfg(temperature, **hybrid):
     """What held_out_metrics reads of an `rlcore eval` config."""
-    rollout = OmegaConf.create({"eval_max_new_tokens": 32, "temperature": temperature, "top_p": 1.0})
+    rollout = OmegaConf.create({"eval_max_new_tokens": 32, "eval_program": "single", "temperature": temperature, "top_p": 1.0})
     return SimpleNamespace(rollout=rollout, hybrid=HybridEvalSettings(enabled=True, **hybrid))
 
 

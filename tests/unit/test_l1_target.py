@@ -116,7 +116,7 @@ def test_evaluate_reports_length_per_stated_target():
             return [Trajectory(p, [7] * lengths[p.id], [0.0] * lengths[p.id], "\\boxed{1}", "stop") for p in prompts]
 
     with RewardRunner(OmegaConf.structured(RewardConfig(fns=["math"], num_workers=1))) as rewards:
-        result = evaluate(Rollout(), rewards, prompts, SimpleNamespace(eval_max_new_tokens=8))
+        result = evaluate(Rollout(), rewards, prompts, SimpleNamespace(eval_max_new_tokens=8, eval_program="single"))
     assert result["eval/length_mean"] == pytest.approx(11 / 3)
     assert result["eval/length_mean/target_2"] == 3.0 and result["eval/length_mean/target_8"] == 5.0
     assert result["eval/target_error"] == pytest.approx((0 + 2 + 3) / 3)

@@ -52,7 +52,7 @@ def test_unknown_builtin_name_lists_the_builtins():
     with pytest.raises(ConfigError) as e:
         resolve("mathh")
     assert str(e.value) == ("reward.fns: unknown reward 'mathh'; built-ins: math, format, rpt, short_rl, kimi_length, "
-                            "soft_overlong, l1_length; or your own function as module:function")
+                            "soft_overlong, l1_length, asyncthink, asyncthink_correct; or your own function as module:function")
 
 
 @pytest.mark.parametrize("spec, want", [

@@ -306,7 +306,7 @@ def test_evaluate_reports_accuracy_per_bucket():
     rollout = ScriptedRollout({"p0": right, "p1": right, "p2": right, "p3": wrong, "p4": wrong})
     cfg = OmegaConf.structured(RewardConfig(fns=["rpt"], accuracy="rpt", num_workers=1))
     with RewardRunner(cfg) as rewards:
-        result = evaluate(rollout, rewards, prompts, SimpleNamespace(eval_max_new_tokens=8))
+        result = evaluate(rollout, rewards, prompts, SimpleNamespace(eval_max_new_tokens=8, eval_program="single"))
     assert result["eval/accuracy"] == pytest.approx(3 / 5)
     assert result["eval/accuracy/easy"] == 1.0 and result["eval/accuracy/hard"] == pytest.approx(1 / 3)
     assert "eval/accuracy/medium" not in result
