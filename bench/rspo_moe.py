@@ -1,11 +1,13 @@
 """RSPO against GRPO on a mixture-of-experts model, from the same start, off-policy.
 
-Three real runs, each its own `rlcore train` process, all `recipe=rspo_math` (model=arith_moe:
+Real runs, each its own `rlcore train` process, all `recipe=rspo_math` (model=arith_moe:
 the embedded arith-3m upcycled to 8 experts, 2 per token; 4 optimizer steps per rollout batch,
 so the router moves between the rollout and the later steps):
   1. RSPO: router-shift γ on the ratio, token-clipped geometric-mean sequence objective;
   2. GRPO + router shift: γ on GRPO's token-level PPO ratio (the plug-in form, SPEC §4);
-  3. GRPO: neither.
+  3. GRPO: neither;
+  4. dense (only with --runs): GRPO on the dense arith-3m the MoE was upcycled from, same settings.
+`--runs` picks some of them (default: the first three).
 From each run: held-out greedy accuracy before/after and its curve, mean clip fraction and
 importance-ratio deviation, mean and lowest router-shift γ (runs 1–2), the share of tokens
 at the γ floor, and wall time. `ratio` = RSPO's held-out accuracy after / GRPO's.
@@ -24,11 +26,13 @@ from common import ROOT, held_out_curve, machine, run_rlcore, train_config, writ
 
 from rlcore.logging import read_metrics
 
-RUNS = {  # name suffix → algorithm overrides on recipe=rspo_math
+RUNS = {  # name suffix → its overrides of recipe=rspo_math
     "rspo": [],
     "grpo_router_shift": ["algorithm=grpo", "algorithm.router_shift=true"],
     "grpo": ["algorithm=grpo"],
+    "dense": ["algorithm=grpo", "model=arith_3m"],
 }
+DEFAULT_RUNS = ["rspo", "grpo_router_shift", "grpo"]
 
 
 def mean_of(rows: list[dict], key: str) -> float | None:
@@ -59,24 +63,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="rspo_moe", help="run names <name>_<algorithm>; bench/results/<name>.json")
     parser.add_argument("--reuse-runs", action="store_true", help="summarise runs/<name>_* as they are")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS, help="which runs to make")
     parser.add_argument("overrides", nargs="*", help="more overrides for every run (e.g. learner.lr=3e-4)")
     args = parser.parse_args()
 
     started = time.time()
     commands = {}
-    for suffix, algorithm in RUNS.items():
-        commands[suffix] = ["train", "recipe=rspo_math", f"name={args.name}_{suffix}", "trainer.eval_every=50", *algorithm,
+    for suffix in args.runs:
+        commands[suffix] = ["train", "recipe=rspo_math", f"name={args.name}_{suffix}", "trainer.eval_every=50", *RUNS[suffix],
                             *args.overrides]
         if not args.reuse_runs:
             run_rlcore(commands[suffix])
-    results = {suffix: run_result(f"{args.name}_{suffix}") for suffix in RUNS}
+    results = {suffix: run_result(f"{args.name}_{suffix}") for suffix in args.runs}
     result = {
         "bench": "rspo_moe",
         "machine": machine(),
         "runs": {suffix: "rlcore " + " ".join(command) for suffix, command in commands.items()},
         "learner_lr": train_config(["recipe=rspo_math", *args.overrides]).learner.lr,
         **results,
-        "ratio": results["rspo"]["accuracy_after"] / max(results["grpo"]["accuracy_after"], 1e-9),
+        "ratio": results["rspo"]["accuracy_after"] / max(results["grpo"]["accuracy_after"], 1e-9)
+        if {"rspo", "grpo"} <= results.keys() else None,
         "wall_time_s": round(time.time() - started, 1),
     }
     for suffix, r in results.items():
