@@ -63,9 +63,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="rspo_moe", help="run names <name>_<algorithm>; bench/results/<name>.json")
     parser.add_argument("--reuse-runs", action="store_true", help="summarise runs/<name>_* as they are")
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS, help="which runs to make")
+    parser.add_argument("--runs", type=lambda text: text.split(","), default=DEFAULT_RUNS,
+                        help=f"which runs to make, comma-separated, of: {', '.join(RUNS)}")
     parser.add_argument("overrides", nargs="*", help="more overrides for every run (e.g. learner.lr=3e-4)")
     args = parser.parse_args()
+    if unknown := set(args.runs) - set(RUNS):
+        parser.error(f"--runs: no run named {', '.join(sorted(unknown))}; choose from {', '.join(RUNS)}")
 
     started = time.time()
     commands = {}

@@ -87,6 +87,15 @@ def fork_join_tags(tokenizer) -> Tags:
     return Tags(ids)
 
 
+def check_tokenizer(tokenizer) -> None:
+    """What the fork_join program needs of the model's tokenizer, as one-line ConfigErrors: the
+    tags as single tokens, and a chat template to put each worker's sub-query in."""
+    fork_join_tags(tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("model.path: the tokenizer has no chat template; the fork_join program gives each worker its "
+                          "sub-query as a user message of it: use a chat model")
+
+
 @dataclass
 class ForkJoinTrace:
     """The clock, worker pool and format error of one organizer trace (see the module docstring)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
-from rlcore.asyncthink import ForkJoinTrace, fork_join_tags, fork_query, misplaced_tags
+from rlcore.asyncthink import ForkJoinTrace, check_tokenizer, fork_join_tags, fork_query, misplaced_tags
 from rlcore.batch import Trajectory, build_batch
 from rlcore.data import Prompt
 from rlcore.hybrid import NO_THINK, THINK, mode_tag_ids
@@ -122,7 +122,7 @@ def generate_within(engine: RolloutEngine, prompts: list[list[int]], budgets: li
     return cut
 
 
-@register_program("fork_join", tokenizer_check=fork_join_tags)
+@register_program("fork_join", tokenizer_check=check_tokenizer)
 def fork_join(engine: RolloutEngine, prompts: list[Prompt], sampling: SamplingParams) -> list[Trajectory]:
     """AsyncThink (SPEC §6, rlcore.asyncthink): sampling.n organizer traces per prompt, each with its workers.
 

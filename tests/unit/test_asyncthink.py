@@ -124,6 +124,12 @@ def test_tags_are_single_tokens_after_the_cold_start(tiny_model, organizer_model
     with pytest.raises(ConfigError, match="AsyncThink tag '<FORK-1>'.*recipe=sft_asyncthink"):
         check_program("fork_join", load_tokenizer(tiny_model))
     check_program("fork_join", tokenizer)
+    tokenizer.chat_template, template = None, tokenizer.chat_template
+    try:
+        with pytest.raises(ConfigError, match="^model.path: the tokenizer has no chat template"):
+            check_program("fork_join", tokenizer)
+    finally:
+        tokenizer.chat_template = template
 
 
 # ---- the program on a scripted engine -------------------------------------------------------
