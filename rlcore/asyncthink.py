@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from rlcore.arith import column_addition_completion
 from rlcore.config import ConfigError
@@ -56,13 +57,13 @@ class Tags:
 
     ids: dict[str, dict[int, int]]
 
+    @cached_property
+    def _by_token(self) -> dict[int, tuple[str, int]]:
+        return {tag: (kind, worker) for kind, by_worker in self.ids.items() for worker, tag in by_worker.items()}
+
     def kind_of(self, token: int) -> tuple[str, int] | None:
         """(kind, worker id) of a tag token; None for any other token."""
-        for kind, by_worker in self.ids.items():
-            for worker, tag in by_worker.items():
-                if tag == token:
-                    return kind, worker
-        return None
+        return self._by_token.get(token)
 
     @property
     def stops(self) -> tuple[int, ...]:
@@ -123,12 +124,15 @@ class ForkJoinTrace:
         self.workers.append((self.clock, length))
         self.max_pool = max(self.max_pool, len(self.pool))
 
-    def join(self, worker: int) -> None:
+    def join(self, worker: int) -> int | None:
+        """Wait for `worker`; its index in `workers`, or None (and the error recorded) when it is not running."""
         if worker not in self.pool:
             self.error = f"unknown id: <JOIN-{worker}> without a running worker {worker}"
-            return
-        start, length = self.workers[self.pool.pop(worker)]
+            return None
+        index = self.pool.pop(worker)
+        start, length = self.workers[index]
         self.clock = max(self.clock, start + length)
+        return index
 
     def concurrency(self) -> float:
         """η = (1/T)·Σ_t active workers at step t, T the final clock: each worker is active from its
@@ -149,7 +153,7 @@ def misplaced_tags(tags: Tags, fragment: list[int]) -> str:
     """The format error of an organizer fragment that ends at a stop tag ("" if none). It began
     after the previous stop tag or paste, so a `</FORK-i>` must close the one `<FORK-i>` in it
     (the sub-query between them holds no tag), and before a `<JOIN-i>` it holds no tag at all."""
-    inner = [tags.kind_of(t) for t in fragment[:-1] if tags.kind_of(t)]
+    inner = [tag for tag in map(tags.kind_of, fragment[:-1]) if tag]
     end = tags.kind_of(fragment[-1])
     if end[0] == "/FORK" and inner != [("FORK", end[1])]:
         return f"misplaced tags: </FORK-{end[1]}> must close the one <FORK-{end[1]}> of its fragment, found {inner or 'none'}"

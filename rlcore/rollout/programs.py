@@ -101,8 +101,7 @@ class _Organizer:
     logp: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)  # 1 sampled by the organizer, 0 pasted worker text
     trace: ForkJoinTrace = field(default_factory=ForkJoinTrace)
-    workers: list[Trajectory] = field(default_factory=list)
-    by_id: dict[int, Trajectory] = field(default_factory=dict)  # running worker id → its trajectory
+    workers: list[Trajectory] = field(default_factory=list)  # in fork order, as trace.workers
     finish_reason: str = ""  # set when the trace has ended
 
     def add(self, tokens: list[int], logp: list[float], sampled: bool) -> None:
@@ -164,10 +163,8 @@ def fork_join(engine: RolloutEngine, prompts: list[Prompt], sampling: SamplingPa
             elif tag[0] == "/FORK":
                 if not o.trace.fork_refused(tag[1]):
                     forks.append((o, tag[1], fork_query(tags, c.token_ids)))
-            else:
-                o.trace.join(tag[1])
-                if not o.trace.error:
-                    paste(o, o.by_id.pop(tag[1]), tags.ids["/JOIN"][tag[1]], limit)
+            elif (joined := o.trace.join(tag[1])) is not None:
+                paste(o, o.workers[joined], tags.ids["/JOIN"][tag[1]], limit)
             if o.trace.error:
                 o.finish_reason = "stop"
             elif not o.finish_reason and len(o.response) >= limit:
@@ -201,7 +198,6 @@ def start_workers(engine: RolloutEngine, forks: list, sampling: SamplingParams) 
                             c.token_ids, c.logprobs, engine.decode(c.token_ids), c.finish_reason, group_id=o.group_id)
         o.trace.fork(worker_id, len(c.token_ids))
         o.workers.append(worker)
-        o.by_id[worker_id] = worker
 
 
 def worker_prompt(tokenizer, query: str) -> list[int]:
